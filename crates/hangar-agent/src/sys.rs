@@ -1,0 +1,107 @@
+//! Thin wrappers over the syscalls the agent needs as PID 1.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Mounts `fstype` at `target`, creating the directory. EBUSY (already
+/// mounted) is fine.
+pub fn mount(fstype: &str, target: &str, options: &str) -> io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    let source = CString::new(fstype)?;
+    let target_c = CString::new(target)?;
+    let fstype_c = CString::new(fstype)?;
+    let data = CString::new(options)?;
+    let flags = libc::MS_NOSUID;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        err.kind(),
+        format!("mount {fstype} on {target}: {err}"),
+    ))
+}
+
+/// Loads a kernel module from a file. Already-loaded modules are fine.
+pub fn load_module(path: &str) -> io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    let params = CString::default();
+    // SAFETY: finit_module takes an open fd, a NUL-terminated parameter
+    // string and flags; the fd outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EEXIST) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        err.kind(),
+        format!("load module {path}: {err}"),
+    ))
+}
+
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Flushes filesystems and powers the machine off. As PID 1 this never
+/// returns; the loop only guards against a kernel that refuses.
+pub fn power_off() -> ! {
+    reboot_with(libc::LINUX_REBOOT_CMD_POWER_OFF)
+}
+
+pub fn reboot() -> ! {
+    reboot_with(libc::LINUX_REBOOT_CMD_RESTART)
+}
+
+fn reboot_with(cmd: libc::c_int) -> ! {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(cmd);
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `uname -r` and `uname -n`.
+pub fn uname() -> (String, String) {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return (String::new(), String::new());
+    }
+    let field = |raw: &[libc::c_char]| {
+        let bytes: Vec<u8> = raw
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    (field(&uts.release), field(&uts.nodename))
+}

@@ -1,0 +1,187 @@
+//! Command-line types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Boot, run commands in and destroy real VMs"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// State directory (default: $HANGAR_HOME, /var/lib/hangar for root,
+    /// else ~/.local/share/hangar).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Accelerator: kvm, tcg, or auto (probe whether KVM really runs a guest).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ACCEL",
+        env = "HANGAR_ACCEL",
+        default_value = "auto"
+    )]
+    pub accel: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a VM, run a command in it, print its output, remove the VM.
+    Run(RunArgs),
+    /// Record a new VM without starting it.
+    Create(CreateArgs),
+    /// Boot a VM and wait until its guest agent is ready.
+    Start(VmArg),
+    /// Stop a VM: guest power-off, then ACPI, SIGTERM, SIGKILL.
+    Stop(StopArgs),
+    /// Remove VMs.
+    Rm(RmArgs),
+    /// List VMs.
+    #[command(alias = "ls")]
+    Ps(PsArgs),
+    /// Show a VM's record as JSON.
+    Inspect(VmArg),
+    /// Print a VM's serial console log.
+    Logs(LogsArgs),
+    /// Run a command in a running VM.
+    Exec(ExecArgs),
+    /// Show what this host offers: accelerator, default image, state dir.
+    Info,
+    /// Measure boot performance against raw QEMU.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResourceArgs {
+    /// Image to boot ("default": the embedded Debian kernel + agent initramfs).
+    #[arg(long, default_value = "default")]
+    pub image: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = hangar::spec::DEFAULT_CPUS)]
+    pub cpus: u32,
+    /// Memory, e.g. 512M or 2G.
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    /// Namespace (a group of VMs).
+    #[arg(long, short = 'n', default_value = hangar::spec::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Extra kernel command-line argument (repeatable).
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    pub kernel_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+    /// Name of the VM (default: run-<id>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Remove the VM when the command ends (the default).
+    #[arg(long, conflicts_with = "keep")]
+    pub rm: bool,
+    /// Keep the VM running after the command, for later `exec`.
+    #[arg(long)]
+    pub keep: bool,
+    /// Environment variable KEY=VALUE for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+    /// Name of the VM.
+    #[arg(long)]
+    pub name: String,
+    /// Backend: qemu or noop.
+    #[arg(long, default_value = "qemu")]
+    pub backend: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VmArg {
+    /// VM name or id.
+    pub vm: String,
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Seconds the guest gets to power off before ACPI, SIGTERM, SIGKILL.
+    #[arg(long, short = 't', default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// VM names or ids.
+    #[arg(required = true)]
+    pub vms: Vec<String>,
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Kill running VMs first.
+    #[arg(long, short = 'f')]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Show all VMs, not only those with a running VMM.
+    #[arg(long, short = 'a')]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Boots per variant.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+}

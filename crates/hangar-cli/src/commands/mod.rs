@@ -1,0 +1,88 @@
+//! One function per command; each parses its arguments, calls the library
+//! once and prints.
+
+mod bench;
+mod lifecycle;
+mod run;
+mod show;
+
+use anyhow::{bail, Context};
+
+use crate::cli::{Cli, Command, Global, ResourceArgs};
+use hangar::{Accel, Manager, ManagerOptions, VmSpec};
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let global = &cli.global;
+    match cli.command {
+        Command::Run(args) => run::run(global, args),
+        Command::Exec(args) => run::exec(global, args),
+        Command::Create(args) => lifecycle::create(global, args),
+        Command::Start(args) => lifecycle::start(global, args),
+        Command::Stop(args) => lifecycle::stop(global, args),
+        Command::Rm(args) => lifecycle::rm(global, args),
+        Command::Ps(args) => show::ps(global, args),
+        Command::Inspect(args) => show::inspect(global, args),
+        Command::Logs(args) => show::logs(global, args),
+        Command::Info => show::info(global),
+        Command::Bench(args) => bench::bench(global, args),
+    }
+}
+
+pub fn open(global: &Global) -> anyhow::Result<Manager> {
+    let accel = match global.accel.as_str() {
+        "auto" | "" => None,
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        other => bail!("--accel {other:?} is invalid: use kvm, tcg or auto"),
+    };
+    Ok(Manager::open(ManagerOptions {
+        state_dir: global.state_dir.clone(),
+        accel,
+    })?)
+}
+
+/// Builds a spec from the shared resource flags; every value is validated
+/// by the library.
+pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpec> {
+    let mut spec = VmSpec::new(name);
+    spec.namespace = resources.namespace.clone();
+    spec.image = hangar::manager::parse_image(&resources.image)?;
+    spec.cpus = resources.cpus;
+    spec.memory = resources
+        .memory
+        .parse()
+        .with_context(|| format!("--memory {}", resources.memory))?;
+    spec.kernel_args = resources.kernel_args.clone();
+    for label in &resources.labels {
+        let (key, value) = label
+            .split_once('=')
+            .with_context(|| format!("--label {label:?} must be KEY=VALUE"))?;
+        spec.labels.insert(key.to_owned(), value.to_owned());
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// `KEY=VALUE` pairs for `--env`.
+pub fn parse_env(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--env {pair:?} must be KEY=VALUE"))?;
+            if key.is_empty() {
+                bail!("--env {pair:?} has an empty name");
+            }
+            Ok((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// A guest exit status as a process exit code.
+pub fn exit_code(status: hangar::ExitStatus) -> u8 {
+    match status {
+        hangar::ExitStatus::Code(code) => (code & 0xff) as u8,
+        hangar::ExitStatus::Signal(signal) => (128 + signal).clamp(0, 255) as u8,
+    }
+}

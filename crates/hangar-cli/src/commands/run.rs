@@ -1,0 +1,78 @@
+//! `run` and `exec`.
+
+use hangar::ExecRequest;
+
+use super::{exit_code, open, parse_env, spec_from};
+use crate::cli::{ExecArgs, Global, RunArgs};
+use crate::output::{print_json, Spinner, StdioSink};
+
+pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
+    let id = hangar::manager::new_id()?;
+    let name = args.name.clone().unwrap_or_else(|| format!("run-{id}"));
+    let spec = spec_from(name, &args.resources)?;
+    let request = ExecRequest {
+        argv: args.command,
+        env: parse_env(&args.env)?,
+        cwd: args.workdir,
+    };
+    let mut manager = open(global)?;
+    let spinner = Spinner::start("booting VM", global.json);
+    let mut sink = BootThenStream {
+        spinner: Some(spinner),
+        inner: StdioSink,
+    };
+    let outcome = manager.run(spec, request, &mut sink, args.keep);
+    if let Some(spinner) = sink.spinner.take() {
+        spinner.finish();
+    }
+    let outcome = outcome?;
+    if let Some(vm) = &outcome.kept {
+        if global.json {
+            print_json(vm)?;
+        } else {
+            eprintln!("hangar: VM {} kept running (id {})", vm.name, vm.id);
+        }
+    }
+    Ok(exit_code(outcome.status))
+}
+
+pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
+    let request = ExecRequest {
+        argv: args.command,
+        env: parse_env(&args.env)?,
+        cwd: args.workdir,
+    };
+    let mut manager = open(global)?;
+    let status = manager.exec(
+        args.vm.namespace.as_deref(),
+        &args.vm.vm,
+        request,
+        &mut StdioSink,
+    )?;
+    Ok(exit_code(status))
+}
+
+/// Clears the boot spinner when the first output arrives.
+struct BootThenStream {
+    spinner: Option<Spinner>,
+    inner: StdioSink,
+}
+
+impl BootThenStream {
+    fn clear(&mut self) {
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish();
+        }
+    }
+}
+
+impl hangar::guest::OutputSink for BootThenStream {
+    fn on_stdout(&mut self, chunk: &[u8]) {
+        self.clear();
+        self.inner.on_stdout(chunk);
+    }
+    fn on_stderr(&mut self, chunk: &[u8]) {
+        self.clear();
+        self.inner.on_stderr(chunk);
+    }
+}

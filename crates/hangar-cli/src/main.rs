@@ -1,0 +1,35 @@
+//! `hangar`: parse, call the library once, print. Exit codes: the guest
+//! command's own code for `run`/`exec` (128+N for a signal, like a shell),
+//! 125 when Hangar itself failed (as docker does), 130 on Ctrl-C.
+
+mod cli;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code when Hangar itself fails (docker uses the same).
+const EXIT_HANGAR_ERROR: u8 = 125;
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    // Ctrl-C sets a flag the library polls; it then cleans up and returns.
+    let _ = ctrlc::set_handler(hangar::interrupt::request);
+    match commands::dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            if err
+                .downcast_ref::<hangar::ManagerError>()
+                .is_some_and(|e| matches!(e, hangar::ManagerError::Interrupted))
+            {
+                eprintln!("hangar: interrupted");
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            eprintln!("hangar: error: {}", output::error_chain(&err));
+            ExitCode::from(EXIT_HANGAR_ERROR)
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Hangar's host <-> guest agent protocol.
+//!
+//! One byte stream (virtio-serial today, vsock later) carries *frames*. A frame
+//! is a fixed header and a payload:
+//!
+//! ```text
+//! magic "HGRF" | kind: u8 | stream: u32 LE | len: u32 LE | payload (len bytes)
+//! ```
+//!
+//! Control frames carry one JSON-encoded [`HostMessage`] or [`GuestMessage`];
+//! data frames carry raw stdout/stderr bytes of the exec named by `stream`.
+//! The magic lets a reader resynchronise after garbage (a host that died in
+//! the middle of a frame), and the length is bounded so a corrupt header can
+//! never make either side allocate without limit.
+//!
+//! Versioning: the first exchange is `HostMessage::Hello` /
+//! `GuestMessage::Hello`, both carrying [`PROTOCOL_VERSION`]; a peer with a
+//! different version is refused with an error naming both versions.
+
+mod frame;
+mod message;
+
+pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FrameReader, MAGIC, MAX_PAYLOAD};
+pub use message::{ExecRequest, ExitStatus, GuestFacts, GuestMessage, HostMessage};
+
+/// Version of the wire format. Bump on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent listens on. The guest kernel
+/// exposes it under `/sys/class/virtio-ports/*/name`.
+pub const VIRTIO_PORT_NAME: &str = "org.hangar.agent.0";

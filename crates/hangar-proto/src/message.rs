@@ -1,0 +1,170 @@
+//! Control messages, carried JSON-encoded in control frames.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Frame, FrameError, FrameKind};
+
+/// A command to run in the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment, on top of the agent's default environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory; the guest's `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+/// How a guest process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+}
+
+/// Facts the agent reports with its hello.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFacts {
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    pub hostname: String,
+    /// Milliseconds since the guest kernel started, when the hello was sent.
+    pub uptime_ms: u64,
+    /// Agent build version (the crate version).
+    pub agent_version: String,
+    /// Non-loopback IPv4/IPv6 addresses, `addr/prefix`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// Host to guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// Opens a session. `nonce` is echoed back so the host can tell its own
+    /// hello answer from a stale one sent to an earlier connection.
+    Hello { version: u32, nonce: u64 },
+    /// Starts a command; its output and exit come back on `stream` = `id`.
+    Exec { id: u32, request: ExecRequest },
+    /// Flushes filesystems and powers the guest off (or reboots it).
+    Shutdown { reboot: bool },
+}
+
+/// Guest to host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMessage {
+    /// Answers a host hello (`nonce` set) or announces the agent at boot
+    /// (`nonce` absent).
+    Hello {
+        version: u32,
+        nonce: Option<u64>,
+        facts: GuestFacts,
+    },
+    /// The command `id` is running as guest pid `pid`.
+    ExecStarted { id: u32, pid: u32 },
+    /// The command `id` could not be started (missing program, bad cwd...).
+    ExecFailed { id: u32, message: String },
+    /// The command `id` ended; all its output frames precede this message.
+    ExecExited { id: u32, status: ExitStatus },
+    /// The host's hello named a version this agent does not speak.
+    VersionMismatch { agent: u32, host: u32 },
+    /// A request could not be understood; the session goes on.
+    Error { message: String },
+}
+
+impl HostMessage {
+    pub fn to_frame(&self) -> Frame {
+        control_frame(FrameKind::Host, self)
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<Self, FrameError> {
+        decode(frame, FrameKind::Host, "host")
+    }
+}
+
+impl GuestMessage {
+    pub fn to_frame(&self) -> Frame {
+        control_frame(FrameKind::Guest, self)
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<Self, FrameError> {
+        decode(frame, FrameKind::Guest, "guest")
+    }
+}
+
+fn control_frame(kind: FrameKind, message: &impl Serialize) -> Frame {
+    Frame {
+        kind,
+        stream: 0,
+        // Serialising these plain enums cannot fail.
+        payload: serde_json::to_vec(message).unwrap_or_default(),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    frame: &Frame,
+    expected: FrameKind,
+    what: &'static str,
+) -> Result<T, FrameError> {
+    if frame.kind != expected {
+        return Err(FrameError::UnexpectedKind {
+            expected: what,
+            got: frame.kind,
+        });
+    }
+    serde_json::from_slice(&frame.payload).map_err(|source| FrameError::BadMessage { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let exec = HostMessage::Exec {
+            id: 3,
+            request: ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: Some("/tmp".into()),
+            },
+        };
+        assert_eq!(HostMessage::from_frame(&exec.to_frame()).unwrap(), exec);
+        let exited = GuestMessage::ExecExited {
+            id: 3,
+            status: ExitStatus::Signal(9),
+        };
+        assert_eq!(
+            GuestMessage::from_frame(&exited.to_frame()).unwrap(),
+            exited
+        );
+    }
+
+    #[test]
+    fn wrong_direction_and_bad_json_are_errors() {
+        let hello = HostMessage::Hello {
+            version: 1,
+            nonce: 5,
+        };
+        assert!(matches!(
+            GuestMessage::from_frame(&hello.to_frame()),
+            Err(FrameError::UnexpectedKind { .. })
+        ));
+        let bad = Frame {
+            kind: FrameKind::Guest,
+            stream: 0,
+            payload: b"{not json".to_vec(),
+        };
+        assert!(matches!(
+            GuestMessage::from_frame(&bad),
+            Err(FrameError::BadMessage { .. })
+        ));
+    }
+}

@@ -1,0 +1,147 @@
+//! QEMU's command line, built from typed options. Nothing here passes
+//! through a shell: each value is one argv element, and paths inside
+//! `key=value,...` option strings have their commas doubled as QEMU requires.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::record::Accel;
+
+/// Everything QEMU needs for one VM.
+#[derive(Clone, Debug)]
+pub struct QemuArgs {
+    pub name: String,
+    pub accel: Accel,
+    /// Firmware: qboot when available (fastest to a PVH kernel), else
+    /// QEMU's default SeaBIOS.
+    pub bios: Option<PathBuf>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub console_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+/// Doubles commas so a path can sit inside a QEMU option string.
+pub fn escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+impl QemuArgs {
+    pub fn to_argv(&self) -> Vec<OsString> {
+        let mut args: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
+        push(&["-name", &self.name]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        let machine = format!("q35,accel={}", self.accel);
+        push(&["-machine", &machine]);
+        if self.accel == Accel::Kvm {
+            push(&["-cpu", "host"]);
+        }
+        if let Some(bios) = &self.bios {
+            push(&["-bios", &bios.to_string_lossy()]);
+        }
+        push(&["-smp", &self.cpus.to_string()]);
+        push(&["-m", &format!("{}M", self.memory_mib)]);
+        push(&["-kernel", &self.kernel.to_string_lossy()]);
+        if let Some(initramfs) = &self.initramfs {
+            push(&["-initrd", &initramfs.to_string_lossy()]);
+        }
+        push(&["-append", &self.cmdline]);
+        // Serial console: a socket to attach to, mirrored into a log file.
+        let console = format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            escape(&self.console_socket),
+            escape(&self.console_log)
+        );
+        push(&["-chardev", &console, "-serial", "chardev:console"]);
+        // Agent channel: virtio-serial port bridged to a unix socket.
+        let agent = format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&self.agent_socket)
+        );
+        let port = format!(
+            "virtserialport,bus=vser0.0,chardev=agent,name={}",
+            hangar_proto::VIRTIO_PORT_NAME
+        );
+        push(&[
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            &agent,
+            "-device",
+            &port,
+        ]);
+        let qmp = format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            escape(&self.qmp_socket)
+        );
+        push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
+        // Entropy from the host, so nothing in the guest waits for its pool.
+        push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+        push(&["-device", "virtio-rng-pci,rng=rng0"]);
+        // A guest reboot or panic ends the VMM instead of looping.
+        push(&["-no-reboot"]);
+        push(&["-daemonize", "-pidfile", &self.pidfile.to_string_lossy()]);
+        args.into_iter().map(OsString::from).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> QemuArgs {
+        QemuArgs {
+            name: "web".into(),
+            accel: Accel::Tcg,
+            bios: Some("/usr/share/qemu/qboot.rom".into()),
+            cpus: 2,
+            memory_mib: 512,
+            kernel: "/img/vmlinux".into(),
+            initramfs: Some("/img/initramfs.cpio".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+            qmp_socket: "/s/q,mp.sock".into(),
+            agent_socket: "/s/agent.sock".into(),
+            console_socket: "/s/console.sock".into(),
+            console_log: "/s/console.log".into(),
+            pidfile: "/s/qemu.pid".into(),
+        }
+    }
+
+    #[test]
+    fn argv_is_typed_and_escaped() {
+        let argv: Vec<String> = args()
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = argv.join(" ");
+        assert!(joined.contains("-machine q35,accel=tcg"));
+        assert!(joined.contains("-smp 2 -m 512M"));
+        assert!(joined.contains("path=/s/q,,mp.sock"), "{joined}");
+        // The cmdline stays one argument, spaces and all.
+        let i = argv.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(argv[i + 1], "console=ttyS0 quiet");
+        assert!(!joined.contains("-cpu host"));
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let mut kvm = args();
+        kvm.accel = Accel::Kvm;
+        let joined: Vec<String> = kvm
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(joined
+            .join(" ")
+            .contains("-machine q35,accel=kvm -cpu host"));
+    }
+}

@@ -1,0 +1,306 @@
+//! The QEMU backend: argv from typed options, a daemonized process tracked
+//! by pid and start time, QMP for status and power, and the shutdown ladder.
+
+pub mod accel;
+pub mod argv;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::process;
+use super::{
+    Backend, BackendError, LaunchPlan, Launched, Pausable, StopOutcome, StopRequest, VmmStatus,
+};
+use crate::record::{BackendKind, Sockets, VmRecord};
+use crate::spec::{ImageSource, NetworkSpec, VmSpec};
+use argv::QemuArgs;
+use qmp::{QmpClient, QmpCommand};
+
+/// How long QEMU may take to initialise and daemonize.
+pub const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After `system_powerdown`, how long the guest's ACPI handling gets.
+pub const ACPI_TIMEOUT: Duration = Duration::from_secs(3);
+/// After SIGTERM, how long QEMU gets to exit.
+pub const TERM_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGKILL, how long until we call the process unkillable.
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest path a unix socket address holds (sun_path minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where Debian puts qboot, the minimal firmware that boots a PVH kernel
+/// fastest.
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    binary: PathBuf,
+}
+
+impl Default for QemuBackend {
+    fn default() -> Self {
+        let binary = std::env::var_os("HANGAR_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        Self { binary }
+    }
+}
+
+impl QemuBackend {
+    pub fn with_binary(binary: PathBuf) -> Self {
+        Self { binary }
+    }
+
+    /// The QEMU binary as found on PATH (or the explicit path), if any.
+    pub fn resolve_binary(&self) -> Result<PathBuf, BackendError> {
+        let missing = || BackendError::BinaryMissing {
+            binary: self.binary.display().to_string(),
+            package: "qemu-system-x86".into(),
+        };
+        if self.binary.components().count() > 1 {
+            return is_executable(&self.binary)
+                .then(|| self.binary.clone())
+                .ok_or_else(missing);
+        }
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+            .map(|dir| dir.join(&self.binary))
+            .find(|candidate| is_executable(candidate))
+            .ok_or_else(missing)
+    }
+
+    /// qboot if installed, else QEMU's default firmware.
+    pub fn bios(&self) -> Option<PathBuf> {
+        Path::new(QBOOT).is_file().then(|| PathBuf::from(QBOOT))
+    }
+
+    fn qmp(&self, vm: &VmRecord) -> Result<QmpClient, BackendError> {
+        let socket = vm
+            .sockets
+            .qmp
+            .clone()
+            .unwrap_or_else(|| vm.work_dir.join("qmp.sock"));
+        QmpClient::connect(&socket)
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The sockets and files of a VM's work dir.
+pub fn sockets_for(work_dir: &Path) -> Sockets {
+    Sockets {
+        qmp: Some(work_dir.join("qmp.sock")),
+        agent: Some(work_dir.join("agent.sock")),
+        console: Some(work_dir.join("console.sock")),
+        console_log: Some(work_dir.join("console.log")),
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn check(&self, spec: &VmSpec) -> Result<(), BackendError> {
+        self.resolve_binary()?;
+        let unsupported = |what: &str, why: &str| BackendError::Unsupported {
+            backend: BackendKind::Qemu,
+            what: what.into(),
+            why: why.into(),
+        };
+        if !matches!(spec.image, ImageSource::Default) {
+            return Err(unsupported(
+                "boot this image source",
+                "this version boots only the embedded default image",
+            ));
+        }
+        if !matches!(spec.network, NetworkSpec::None) {
+            return Err(unsupported(
+                "attach a network",
+                "networking is not implemented yet",
+            ));
+        }
+        if spec.cloud_init.is_some() || !spec.shared_dirs.is_empty() || spec.vsock {
+            return Err(unsupported(
+                "use cloud-init, shared dirs or vsock",
+                "not implemented yet",
+            ));
+        }
+        Ok(())
+    }
+
+    fn launch(&self, vm: &VmRecord, plan: &LaunchPlan) -> Result<Launched, BackendError> {
+        let binary = self.resolve_binary()?;
+        let sockets = sockets_for(&vm.work_dir);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BackendError::Io { path, source }
+        };
+        let mut paths = Vec::new();
+        for socket in [&sockets.qmp, &sockets.agent, &sockets.console]
+            .into_iter()
+            .flatten()
+        {
+            let len = socket.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(BackendError::SocketPathTooLong {
+                    path: socket.clone(),
+                    len,
+                });
+            }
+            // A socket left by an earlier run would make QEMU fail to bind.
+            let _ = std::fs::remove_file(socket);
+            paths.push(socket.clone());
+        }
+        let pidfile = vm.work_dir.join("qemu.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        // One log per boot: the previous boot's log moves aside, so lines of
+        // an earlier run are never read as this run's.
+        if let Some(log) = &sockets.console_log {
+            let _ = std::fs::rename(log, log.with_extension("log.1"));
+        }
+        let args = QemuArgs {
+            name: vm.name.clone(),
+            accel: plan.accel,
+            bios: self.bios(),
+            cpus: plan.cpus,
+            memory_mib: plan.memory.as_mib(),
+            kernel: plan.kernel.clone(),
+            initramfs: plan.initramfs.clone(),
+            cmdline: plan.cmdline.clone(),
+            qmp_socket: paths[0].clone(),
+            agent_socket: paths[1].clone(),
+            console_socket: paths[2].clone(),
+            console_log: sockets.console_log.clone().unwrap_or_default(),
+            pidfile: pidfile.clone(),
+        };
+        let log_path = vm.work_dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+        let mut child = Command::new(&binary)
+            .args(args.to_argv())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .current_dir(&vm.work_dir)
+            .spawn()
+            .map_err(|err| BackendError::Launch {
+                what: format!("starting {}", binary.display()),
+                detail: err.to_string(),
+            })?;
+        // With -daemonize the first process exits once QEMU is initialised
+        // (or failed); its exit status says which.
+        let deadline = Instant::now() + DAEMONIZE_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(io(&binary))? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BackendError::Launch {
+                    what: "QEMU initialisation".into(),
+                    detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if !status.success() {
+            let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(BackendError::Launch {
+                what: "QEMU".into(),
+                detail: format!("exited with {status}: {}", detail.trim()),
+            });
+        }
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .map_err(io(&pidfile))?
+            .trim()
+            .parse()
+            .map_err(|_| BackendError::Launch {
+                what: "reading QEMU's pidfile".into(),
+                detail: format!("{} holds no pid", pidfile.display()),
+            })?;
+        Ok(Launched {
+            pid: Some(pid),
+            pid_start_time: process::start_time(pid),
+            sockets,
+        })
+    }
+
+    fn status(&self, vm: &VmRecord) -> VmmStatus {
+        let Some(pid) = vm.pid else {
+            return VmmStatus::Gone;
+        };
+        if !process::is_alive(pid, vm.pid_start_time) {
+            return VmmStatus::Gone;
+        }
+        match self.qmp(vm).and_then(|mut qmp| qmp.query_status()) {
+            Ok(status) if !status.running && status.status == "paused" => VmmStatus::Paused,
+            _ => VmmStatus::Running,
+        }
+    }
+
+    fn stop(&self, vm: &VmRecord, request: StopRequest) -> Result<StopOutcome, BackendError> {
+        let Some(pid) = vm.pid else {
+            return Ok(StopOutcome::AlreadyGone);
+        };
+        let started = vm.pid_start_time;
+        if !process::is_alive(pid, started) {
+            return Ok(StopOutcome::AlreadyGone);
+        }
+        if request.guest_asked && process::wait_gone(pid, started, request.timeout) {
+            return Ok(StopOutcome::GuestPowerOff);
+        }
+        if let Ok(mut qmp) = self.qmp(vm) {
+            let _ = qmp.execute(QmpCommand::SystemPowerdown);
+            let wait = if request.guest_asked {
+                ACPI_TIMEOUT
+            } else {
+                request.timeout.max(ACPI_TIMEOUT)
+            };
+            if process::wait_gone(pid, started, wait) {
+                return Ok(StopOutcome::AcpiPowerdown);
+            }
+        }
+        process::signal(pid, started, Signal::SIGTERM);
+        if process::wait_gone(pid, started, TERM_TIMEOUT) {
+            return Ok(StopOutcome::Terminated);
+        }
+        process::signal(pid, started, Signal::SIGKILL);
+        if process::wait_gone(pid, started, KILL_TIMEOUT) {
+            return Ok(StopOutcome::Killed);
+        }
+        Err(BackendError::Unkillable {
+            pid,
+            timeout: KILL_TIMEOUT,
+        })
+    }
+
+    fn kill(&self, vm: &VmRecord, signal: Signal) -> Result<(), BackendError> {
+        if let Some(pid) = vm.pid {
+            process::signal(pid, vm.pid_start_time, signal);
+        }
+        Ok(())
+    }
+
+    fn as_pausable(&self) -> Option<&dyn Pausable> {
+        Some(self)
+    }
+}
+
+impl Pausable for QemuBackend {
+    fn pause(&self, vm: &VmRecord) -> Result<(), BackendError> {
+        self.qmp(vm)?.execute(QmpCommand::Stop).map(drop)
+    }
+
+    fn resume(&self, vm: &VmRecord) -> Result<(), BackendError> {
+        self.qmp(vm)?.execute(QmpCommand::Cont).map(drop)
+    }
+}

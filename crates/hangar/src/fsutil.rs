@@ -1,0 +1,81 @@
+//! File helpers: atomic writes and reading the tail of a log.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// Writes `data` to a temp file beside `path`, syncs it and renames it over
+/// `path`, so readers see the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|err| err.error)?;
+    Ok(())
+}
+
+/// The last `lines` lines of a text file (at most the last 64 KiB are read),
+/// with carriage returns and terminal escape sequences removed.
+pub fn tail_lines(path: &Path, lines: usize) -> Vec<String> {
+    const WINDOW: u64 = 64 * 1024;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out: Vec<String> = text
+        .lines()
+        .map(clean_line)
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let skip = out.len().saturating_sub(lines);
+    out.drain(..skip);
+    out
+}
+
+/// Drops control characters and ANSI escape sequences.
+fn clean_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                while let Some(n) = chars.next() {
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_returns_last_clean_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        write_atomic(&path, b"one\r\n\x1b[0mtwo\n\nthree\n").unwrap();
+        assert_eq!(tail_lines(&path, 2), vec!["two", "three"]);
+        assert!(tail_lines(&dir.path().join("none"), 3).is_empty());
+    }
+}

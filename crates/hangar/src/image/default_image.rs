@@ -1,0 +1,356 @@
+//! The embedded default image: the Debian cloud kernel plus an initramfs that
+//! Hangar writes itself, with `hangar-agent` as PID 1, busybox for a shell,
+//! and the virtio modules the agent loads.
+//!
+//! Inputs, all from Debian packages on the host:
+//! - the kernel package `linux-image-*-cloud-amd64` as a `.deb` (from
+//!   `HANGAR_KERNEL_DEB`, else apt's cache `/var/cache/apt/archives`, where
+//!   `apt-get install --download-only linux-image-cloud-amd64` puts it). It is
+//!   unpacked into Hangar's image store, never installed into the host's /boot.
+//! - `/bin/busybox` from `busybox-static` (must be static: the guest has no libc).
+//! - the agent, embedded in this library at build time.
+//!
+//! The built image is cached under a key of those inputs; it is rebuilt only
+//! when one of them changes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::cpio::CpioWriter;
+use super::kernel::{extract_vmlinux, KernelError};
+use super::modules::{ModuleIndex, ModulesError};
+
+/// Modules the agent loads at boot, in this order (dependencies resolved).
+/// virtio_console carries the agent channel; virtio_rng seeds the guest's
+/// entropy pool so nothing in the guest blocks on getrandom under TCG.
+const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "virtio_rng",
+    "virtio_blk",
+    "virtio_net",
+];
+
+/// Where apt keeps downloaded packages.
+const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+const BUSYBOX: &str = "/bin/busybox";
+/// Bump when the initramfs layout changes, so old cached images are not used.
+const IMAGE_FORMAT: u32 = 1;
+
+/// Why the default image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum DefaultImageError {
+    #[error("no Debian cloud kernel package found (looked for {looked}); run `apt-get install --download-only linux-image-cloud-amd64` (or `make deps`), or set HANGAR_KERNEL_DEB to a linux-image-*-cloud-amd64 .deb")]
+    KernelPackageMissing { looked: String },
+    #[error("{path} is missing; install Debian's busybox-static package (the guest needs a static busybox)")]
+    BusyboxMissing { path: PathBuf },
+    #[error(
+        "{path} is dynamically linked; install Debian's busybox-static package instead of busybox"
+    )]
+    BusyboxNotStatic { path: PathBuf },
+    #[error("cannot unpack kernel package {deb} with dpkg-deb: {detail}")]
+    Unpack { deb: PathBuf, detail: String },
+    #[error("kernel package {deb} contains no boot/vmlinuz-*")]
+    NoKernelInPackage { deb: PathBuf },
+    #[error("cannot unpack the kernel from {deb}")]
+    Kernel {
+        deb: PathBuf,
+        #[source]
+        source: KernelError,
+    },
+    #[error(transparent)]
+    Modules(#[from] ModulesError),
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DefaultImageError + '_ {
+    move |source| DefaultImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A built default image, ready to boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefaultImage {
+    /// Uncompressed PVH kernel.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub kernel_release: String,
+    /// The image's cache key (hex), also its folder name.
+    pub key: String,
+}
+
+/// Returns the default image under `images_dir`, building it when missing.
+pub fn ensure_default_image(images_dir: &Path) -> Result<DefaultImage, DefaultImageError> {
+    let deb = find_kernel_deb()?;
+    check_busybox(Path::new(BUSYBOX))?;
+    let key = image_key(&deb, Path::new(BUSYBOX))?;
+    let final_dir = images_dir.join("default").join(&key);
+    let manifest = final_dir.join("image.json");
+    if let Ok(text) = std::fs::read_to_string(&manifest) {
+        if let Ok(image) = serde_json::from_str::<DefaultImage>(&text) {
+            return Ok(image);
+        }
+    }
+    let tmp_root = images_dir.join("tmp");
+    fs_err::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("default-")
+        .tempdir_in(&tmp_root)
+        .map_err(io_err(&tmp_root))?;
+    let kernel_release = build_into(tmp.path(), &deb)?;
+    let image = DefaultImage {
+        kernel: final_dir.join("vmlinux"),
+        initramfs: final_dir.join("initramfs.cpio"),
+        kernel_release,
+        key,
+    };
+    let json = serde_json::to_vec_pretty(&image).unwrap_or_default();
+    let tmp_manifest = tmp.path().join("image.json");
+    fs_err::write(&tmp_manifest, json).map_err(io_err(&tmp_manifest))?;
+    fs_err::remove_dir_all(tmp.path().join("pkg")).map_err(io_err(tmp.path()))?;
+    let parent = images_dir.join("default");
+    fs_err::create_dir_all(&parent).map_err(io_err(&parent))?;
+    // Another process may have finished the same image first: theirs wins,
+    // ours is dropped with the temp dir.
+    let built = tmp.keep();
+    if std::fs::rename(&built, &final_dir).is_err() {
+        let _ = std::fs::remove_dir_all(&built);
+        if !manifest.exists() {
+            return Err(DefaultImageError::Io {
+                path: final_dir,
+                source: std::io::Error::other("could not move the built image into place"),
+            });
+        }
+    }
+    Ok(image)
+}
+
+fn find_kernel_deb() -> Result<PathBuf, DefaultImageError> {
+    if let Some(path) = std::env::var_os("HANGAR_KERNEL_DEB").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(DefaultImageError::KernelPackageMissing {
+            looked: format!("HANGAR_KERNEL_DEB={}", path.display()),
+        });
+    }
+    let newest = std::fs::read_dir(APT_ARCHIVES)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("linux-image-")
+                && name.contains("-cloud-amd64_")
+                && name.ends_with(".deb")
+        })
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .max();
+    newest
+        .map(|(_, path)| path)
+        .ok_or_else(|| DefaultImageError::KernelPackageMissing {
+            looked: format!("{APT_ARCHIVES}/linux-image-*-cloud-amd64_*.deb"),
+        })
+}
+
+/// A static ELF has no PT_INTERP program header.
+fn check_busybox(path: &Path) -> Result<(), DefaultImageError> {
+    let data = std::fs::read(path).map_err(|_| DefaultImageError::BusyboxMissing {
+        path: path.to_path_buf(),
+    })?;
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data).map_err(|_| {
+        DefaultImageError::BusyboxNotStatic {
+            path: path.to_path_buf(),
+        }
+    })?;
+    use object::read::elf::ProgramHeader;
+    let endian = elf.endian();
+    let dynamic = elf
+        .elf_program_headers()
+        .iter()
+        .any(|header| header.p_type(endian) == object::elf::PT_INTERP);
+    if dynamic {
+        return Err(DefaultImageError::BusyboxNotStatic {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Identity of the inputs: file names, sizes and mtimes of the packages
+/// (cheap, no hashing of 30 MB on every run) plus the agent's digest.
+fn image_key(deb: &Path, busybox: &Path) -> Result<String, DefaultImageError> {
+    let mut hasher = Sha256::new();
+    hasher.update(IMAGE_FORMAT.to_le_bytes());
+    for path in [deb, busybox] {
+        let meta = std::fs::metadata(path).map_err(io_err(path))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        hasher.update(path.as_os_str().as_encoded_bytes());
+        hasher.update(meta.len().to_le_bytes());
+        hasher.update(mtime.to_le_bytes());
+    }
+    hasher.update(Sha256::digest(super::agent::AGENT_BINARY));
+    Ok(hex::encode(&hasher.finalize()[..8]))
+}
+
+/// Unpacks the kernel package into `dir/pkg` and writes `dir/vmlinux` and
+/// `dir/initramfs.cpio`. Returns the kernel release.
+fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
+    let pkg = dir.join("pkg");
+    let output = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb)
+        .arg(&pkg)
+        .output()
+        .map_err(|err| DefaultImageError::Unpack {
+            deb: deb.to_path_buf(),
+            detail: err.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(DefaultImageError::Unpack {
+            deb: deb.to_path_buf(),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    let boot = pkg.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(io_err(&boot))?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| DefaultImageError::NoKernelInPackage {
+            deb: deb.to_path_buf(),
+        })?;
+    let release = vmlinuz
+        .file_name()
+        .map(|name| {
+            name.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let compressed = fs_err::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
+    let vmlinux = extract_vmlinux(&compressed).map_err(|source| DefaultImageError::Kernel {
+        deb: deb.to_path_buf(),
+        source,
+    })?;
+    let kernel_path = dir.join("vmlinux");
+    fs_err::write(&kernel_path, vmlinux).map_err(io_err(&kernel_path))?;
+    let modules_dir = pkg.join("lib/modules").join(&release);
+    let modules = ModuleIndex::load(&modules_dir)?.load_order(GUEST_MODULES)?;
+    write_initramfs(
+        &dir.join("initramfs.cpio"),
+        &modules_dir,
+        &release,
+        &modules,
+    )?;
+    Ok(release)
+}
+
+fn write_initramfs(
+    dest: &Path,
+    modules_dir: &Path,
+    release: &str,
+    modules: &[PathBuf],
+) -> Result<(), DefaultImageError> {
+    let file = fs_err::File::create(dest).map_err(io_err(dest))?;
+    let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
+    let io = io_err(dest);
+    (|| -> std::io::Result<()> {
+        for dir in [
+            "bin",
+            "sbin",
+            "usr",
+            "usr/bin",
+            "usr/sbin",
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "root",
+            "etc",
+            "hangar",
+            "lib",
+            "lib/modules",
+        ] {
+            cpio.dir(dir, 0o755)?;
+        }
+        cpio.dir("tmp", 0o1777)?;
+        // The kernel opens /dev/console for PID 1's stdio before devtmpfs is
+        // mounted, so the node must exist in the archive.
+        cpio.char_device("dev/console", 0o600, 5, 1)?;
+        cpio.file("init", 0o755, super::agent::AGENT_BINARY)?;
+        cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+        cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
+        cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
+        let busybox = std::fs::read(BUSYBOX)?;
+        cpio.file("bin/busybox", 0o755, &busybox)?;
+        for applet in busybox_applets()? {
+            if applet != "bin/busybox" && !applet.contains("..") {
+                let depth = applet.matches('/').count();
+                let target = format!("{}bin/busybox", "../".repeat(depth));
+                cpio.symlink(&applet, &target)?;
+            }
+        }
+        let guest_dir = format!("lib/modules/{release}");
+        let mut list = String::new();
+        let mut made = std::collections::BTreeSet::new();
+        for module in modules {
+            let guest_path = format!("{guest_dir}/{}", module.display());
+            // Parent folders from lib/modules/<release> down (the archive
+            // already has lib/modules); written shallowest first below.
+            for ancestor in Path::new(&guest_path).ancestors().skip(1) {
+                let text = ancestor.to_string_lossy().into_owned();
+                if text.matches('/').count() >= 2 {
+                    made.insert(text);
+                }
+            }
+            list.push_str(&format!("/{guest_path}\n"));
+        }
+        let mut dirs: Vec<_> = made.into_iter().collect();
+        dirs.sort_by_key(|d| d.matches('/').count());
+        for dir in dirs {
+            cpio.dir(&dir, 0o755)?;
+        }
+        for module in modules {
+            let data = std::fs::read(modules_dir.join(module))?;
+            cpio.file(&format!("{guest_dir}/{}", module.display()), 0o644, &data)?;
+        }
+        cpio.file("hangar/modules", 0o644, list.as_bytes())?;
+        cpio.finish()?.flush()
+    })()
+    .map_err(io)
+}
+
+/// `busybox --list-full`: applet paths such as `usr/bin/awk`.
+fn busybox_applets() -> std::io::Result<Vec<String>> {
+    let output = Command::new(BUSYBOX).arg("--list-full").output()?;
+    if !output.status.success() {
+        return Err(std::io::Error::other("busybox --list-full failed"));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| line.trim().trim_start_matches('/').to_owned())
+        .filter(|line| !line.is_empty())
+        .collect())
+}

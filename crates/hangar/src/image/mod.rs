@@ -1,0 +1,11 @@
+//! Images: what a VM boots from. Today the embedded default image (Debian
+//! cloud kernel + Hangar's own initramfs); OCI and cloud disk images come
+//! through the same module later.
+
+pub mod agent;
+pub mod cpio;
+pub mod default_image;
+pub mod kernel;
+pub mod modules;
+
+pub use default_image::{ensure_default_image, DefaultImage, DefaultImageError};

@@ -1,0 +1,24 @@
+//! Hangar: a virtual-machine manager. Boots, runs commands in and destroys
+//! real VMs; see `ARCHITECTURE.md` for the map of modules.
+//!
+//! Start at [`Manager`]: `Manager::open`, then `create`/`start`/`exec`/
+//! `stop`/`remove`, or `run` for the whole `docker run` cycle.
+
+pub mod backend;
+pub mod bench;
+pub mod fsutil;
+pub mod guest;
+pub mod image;
+pub mod interrupt;
+pub mod layout;
+pub mod manager;
+pub mod record;
+pub mod size;
+pub mod spec;
+pub mod store;
+
+pub use hangar_proto::{ExecRequest, ExitStatus};
+pub use manager::{Manager, ManagerError, ManagerOptions, RunOutcome};
+pub use record::{Accel, BackendKind, VmRecord, VmState};
+pub use size::ByteSize;
+pub use spec::VmSpec;

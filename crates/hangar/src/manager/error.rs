@@ -1,0 +1,76 @@
+//! The manager's error: one enum, each variant naming what failed and, where
+//! the user can act, how to fix it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::backend::BackendError;
+use crate::guest::GuestError;
+use crate::image::DefaultImageError;
+use crate::layout::LayoutError;
+use crate::record::VmState;
+use crate::spec::SpecError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("cannot prepare the default image")]
+    Image(#[from] DefaultImageError),
+    #[error("VM {name}: {source}")]
+    Backend {
+        name: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("VM {name} is {state}: cannot {action}{hint}")]
+    InvalidState {
+        name: String,
+        state: VmState,
+        action: &'static str,
+        hint: &'static str,
+    },
+    #[error("VM {name} did not become ready within {waited:?}: {reason}{}", console_suffix(.console))]
+    NotReady {
+        name: String,
+        waited: Duration,
+        reason: String,
+        console: Vec<String>,
+    },
+    #[error("VM {name}: {source}{}", console_suffix(.console))]
+    Guest {
+        name: String,
+        #[source]
+        source: GuestError,
+        console: Vec<String>,
+    },
+    #[error("unknown image {reference:?}: this version boots only the embedded image \"default\" (OCI and disk images are not supported yet)")]
+    UnknownImage { reference: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn console_suffix(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("\nlast console lines:");
+    for line in lines {
+        text.push_str("\n  ");
+        text.push_str(line);
+    }
+    text
+}

@@ -1,0 +1,289 @@
+//! Start and stop: the state changes around a VMM process.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{Manager, ManagerError, CONSOLE_TAIL_LINES};
+use crate::backend::{process, LaunchPlan, StopOutcome, StopRequest};
+use crate::guest::AgentClient;
+use crate::record::{Accel, BackendKind, VmRecord, VmState};
+use crate::spec::ImageSource;
+
+/// How long a guest may take from VMM start to the agent's hello. Under TCG
+/// the default image needs ~2 s; the margin covers a loaded CI machine.
+pub const READY_TIMEOUT_TCG: Duration = Duration::from_secs(60);
+pub const READY_TIMEOUT_KVM: Duration = Duration::from_secs(20);
+/// How long `stop` gives a guest that accepted the power-off request.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits to reach the agent before falling back to ACPI.
+const AGENT_CONNECT_FOR_STOP: Duration = Duration::from_secs(2);
+
+/// Kernel arguments for the default image. `quiet` because printing to an
+/// emulated UART is slow under TCG (errors still print); crypto self-tests
+/// are skipped for the same reason.
+const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
+
+/// Applies a state change if the transition function allows it.
+pub(super) fn transition(
+    record: &mut VmRecord,
+    to: VmState,
+    action: &'static str,
+) -> Result<(), ManagerError> {
+    if !record.state.valid_transition(to) {
+        return Err(ManagerError::InvalidState {
+            name: record.name.clone(),
+            state: record.state,
+            action,
+            hint: match record.state {
+                VmState::Running | VmState::Starting => "; it is already running",
+                VmState::Stopped | VmState::Created => "; it is not running (`hangar start` it)",
+                _ => "",
+            },
+        });
+    }
+    record.state = to;
+    Ok(())
+}
+
+impl Manager {
+    /// Boots a VM and returns once its guest agent has said hello.
+    pub fn start(&mut self, namespace: Option<&str>, key: &str) -> Result<VmRecord, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        self.start_record(record).map(|(record, _)| record)
+    }
+
+    /// Starts `record` and returns the agent session used for readiness.
+    pub(super) fn start_record(
+        &mut self,
+        record: VmRecord,
+    ) -> Result<(VmRecord, Option<AgentClient>), ManagerError> {
+        if !record.state.valid_transition(VmState::Starting) {
+            let mut probe = record.clone();
+            transition(&mut probe, VmState::Starting, "start it")?;
+        }
+        let plan = self.plan(&record)?;
+        let id = record.id.clone();
+        let record = self.store.update(&id, |r| {
+            transition(r, VmState::Starting, "start it")?;
+            r.exit_reason = None;
+            r.last_console_lines.clear();
+            r.accel = Some(plan.accel);
+            Ok::<_, ManagerError>(())
+        })?;
+        let backend = self.backend(record.backend)?;
+        let launched = match backend.launch(&record, &plan) {
+            Ok(launched) => launched,
+            Err(source) => {
+                let reason = source.to_string();
+                self.mark_ended(&id, VmState::Failed, reason)?;
+                return Err(ManagerError::Backend {
+                    name: record.name,
+                    source,
+                });
+            }
+        };
+        let record = self.store.update(&id, |r| {
+            r.pid = launched.pid;
+            r.pid_start_time = launched.pid_start_time;
+            r.sockets = launched.sockets.clone();
+            r.started_at = Some(chrono::Utc::now());
+            Ok::<_, ManagerError>(())
+        })?;
+        if record.backend == BackendKind::Noop {
+            let record = self.mark_running(&id)?;
+            return Ok((record, None));
+        }
+        let timeout = match plan.accel {
+            Accel::Kvm => READY_TIMEOUT_KVM,
+            Accel::Tcg => READY_TIMEOUT_TCG,
+        };
+        let socket = record.sockets.agent.clone().unwrap_or_default();
+        let started = Instant::now();
+        let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
+        let mut check = || vmm_alive_check(pid, pid_start);
+        match AgentClient::connect(&socket, timeout, &mut check) {
+            Ok(client) => Ok((self.mark_running(&id)?, Some(client))),
+            Err(err) => {
+                let console = self.console_tail(&record);
+                // A guest that never became ready is killed, not left running.
+                let _ = self.kill_now(&record);
+                let reason = err.to_string();
+                self.mark_ended(&id, VmState::Failed, format!("not ready: {reason}"))?;
+                if crate::interrupt::requested() {
+                    return Err(ManagerError::Interrupted);
+                }
+                Err(ManagerError::NotReady {
+                    name: record.name,
+                    waited: started.elapsed(),
+                    reason,
+                    console,
+                })
+            }
+        }
+    }
+
+    fn mark_running(&mut self, id: &str) -> Result<VmRecord, ManagerError> {
+        self.store.update(id, |r| {
+            transition(r, VmState::Running, "mark it running")?;
+            r.first_booted = true;
+            Ok::<_, ManagerError>(())
+        })
+    }
+
+    /// Records that the VMM is gone, with why.
+    pub(super) fn mark_ended(
+        &mut self,
+        id: &str,
+        state: VmState,
+        reason: String,
+    ) -> Result<VmRecord, ManagerError> {
+        let record = self.store.get(id)?;
+        let console = record
+            .as_ref()
+            .map(|r| self.console_tail(r))
+            .unwrap_or_default();
+        self.store.update(id, |r| {
+            if r.state != state {
+                transition(r, state, "record its end")?;
+            }
+            r.pid = None;
+            r.pid_start_time = None;
+            r.stopped_at = Some(chrono::Utc::now());
+            r.exit_reason = Some(reason);
+            r.last_console_lines = console;
+            Ok::<_, ManagerError>(())
+        })
+    }
+
+    /// Stops a running VM: agent power-off, then ACPI, SIGTERM, SIGKILL.
+    pub fn stop(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        let id = record.id.clone();
+        let record = self
+            .store
+            .update(&id, |r| transition(r, VmState::Stopping, "stop it"))?;
+        let mut guest_asked = false;
+        if let Some(socket) = &record.sockets.agent {
+            let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
+            let mut check = || vmm_alive_check(pid, start);
+            if let Ok(mut client) = AgentClient::connect(socket, AGENT_CONNECT_FOR_STOP, &mut check)
+            {
+                guest_asked = client.shutdown().is_ok();
+            }
+        }
+        self.finish_stop(
+            &record,
+            guest_asked,
+            timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+        )
+    }
+
+    /// Walks the backend's ladder and records the outcome.
+    pub(super) fn finish_stop(
+        &mut self,
+        record: &VmRecord,
+        guest_asked: bool,
+        timeout: Duration,
+    ) -> Result<VmRecord, ManagerError> {
+        let request = StopRequest {
+            guest_asked,
+            timeout,
+        };
+        let outcome = self
+            .backend(record.backend)?
+            .stop(record, request)
+            .map_err(|source| ManagerError::Backend {
+                name: record.name.clone(),
+                source,
+            })?;
+        let how = match outcome {
+            StopOutcome::AlreadyGone => "the VMM had already exited",
+            StopOutcome::GuestPowerOff => "the guest powered off",
+            StopOutcome::AcpiPowerdown => "ACPI power button",
+            StopOutcome::Terminated => "SIGTERM after the guest ignored power-off",
+            StopOutcome::Killed => "SIGKILL after the guest and QEMU ignored power-off and SIGTERM",
+        };
+        self.mark_ended(
+            &record.id,
+            VmState::Stopped,
+            format!("stopped on request ({how})"),
+        )
+    }
+
+    /// SIGKILL and wait: for `rm -f` and failed starts.
+    pub(super) fn kill_now(&self, record: &VmRecord) -> Result<(), ManagerError> {
+        let backend = self.backend(record.backend)?;
+        let _ = backend.kill(record, Signal::SIGKILL);
+        if let Some(pid) = record.pid {
+            process::wait_gone(
+                pid,
+                record.pid_start_time,
+                crate::backend::qemu::KILL_TIMEOUT,
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn console_tail(&self, record: &VmRecord) -> Vec<String> {
+        let log = record
+            .sockets
+            .console_log
+            .clone()
+            .unwrap_or_else(|| record.work_dir.join("console.log"));
+        crate::fsutil::tail_lines(&log, CONSOLE_TAIL_LINES)
+    }
+
+    /// Resolves image and accelerator into what the backend boots.
+    fn plan(&mut self, record: &VmRecord) -> Result<LaunchPlan, ManagerError> {
+        if record.backend == BackendKind::Noop {
+            return Ok(LaunchPlan {
+                kernel: Default::default(),
+                initramfs: None,
+                cmdline: String::new(),
+                cpus: record.spec.cpus,
+                memory: record.spec.memory,
+                accel: Accel::Tcg,
+            });
+        }
+        let image = match &record.spec.image {
+            ImageSource::Default => self.default_image()?,
+            other => {
+                return Err(ManagerError::UnknownImage {
+                    reference: format!("{other:?}"),
+                })
+            }
+        };
+        let accel = self.accelerator()?.accel;
+        let mut cmdline = format!("{BASE_CMDLINE} hangar.hostname={}", record.name);
+        for arg in &record.spec.kernel_args {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
+        }
+        Ok(LaunchPlan {
+            kernel: image.kernel,
+            initramfs: Some(image.initramfs),
+            cmdline,
+            cpus: record.spec.cpus,
+            memory: record.spec.memory,
+            accel,
+        })
+    }
+}
+
+/// The check run between agent reads: stop waiting if the VMM died or the
+/// user interrupted.
+pub(super) fn vmm_alive_check(pid: u32, start: Option<u64>) -> Result<(), String> {
+    if crate::interrupt::requested() {
+        return Err("interrupted".into());
+    }
+    if pid != 0 && !process::is_alive(pid, start) {
+        return Err(format!("the VMM process {pid} exited"));
+    }
+    Ok(())
+}

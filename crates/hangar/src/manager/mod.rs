@@ -1,0 +1,259 @@
+//! [`Manager`]: the library's front door. The CLI and the daemon parse,
+//! call one method, and print.
+
+mod error;
+mod lifecycle;
+mod reconcile;
+mod run;
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::noop::NoopBackend;
+use crate::backend::qemu::accel::{self, AccelChoice, ProbeInputs};
+use crate::backend::qemu::QemuBackend;
+use crate::backend::Backend;
+use crate::image::{ensure_default_image, DefaultImage};
+use crate::layout::{create_private_dir, Layout};
+use crate::record::{Accel, BackendKind, VmRecord, VmState, RECORD_SCHEMA};
+use crate::spec::{ImageSource, VmSpec};
+use crate::store::Store;
+
+pub use error::ManagerError;
+pub use run::RunOutcome;
+
+/// How many console lines are kept with a VM that ended on its own, and
+/// shown in errors.
+pub const CONSOLE_TAIL_LINES: usize = 20;
+
+/// Options that apply to every operation of one manager.
+#[derive(Clone, Debug, Default)]
+pub struct ManagerOptions {
+    /// State directory; `HANGAR_HOME` or the default when None.
+    pub state_dir: Option<PathBuf>,
+    /// Force an accelerator instead of probing (also `HANGAR_ACCEL`).
+    pub accel: Option<Accel>,
+}
+
+/// Owns the store connection and the backends.
+#[derive(Debug)]
+pub struct Manager {
+    layout: Layout,
+    store: Store,
+    qemu: QemuBackend,
+    noop: NoopBackend,
+    forced_accel: Option<Accel>,
+    accel: Option<AccelChoice>,
+}
+
+impl Manager {
+    pub fn open(options: ManagerOptions) -> Result<Self, ManagerError> {
+        let layout = Layout::resolve(options.state_dir.as_deref())?;
+        let store = Store::open(&layout.database())?;
+        let forced_accel = match options.accel {
+            Some(accel) => Some(accel),
+            None => accel::forced_from_env().map_err(ManagerError::Config)?,
+        };
+        Ok(Self {
+            layout,
+            store,
+            qemu: QemuBackend::default(),
+            noop: NoopBackend,
+            forced_accel,
+            accel: None,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn backend(&self, kind: BackendKind) -> Result<&dyn Backend, ManagerError> {
+        match kind {
+            BackendKind::Qemu => Ok(&self.qemu),
+            BackendKind::Noop => Ok(&self.noop),
+            other => Err(ManagerError::Config(format!(
+                "the {other} backend is not available in this build"
+            ))),
+        }
+    }
+
+    /// Records a new VM (state `created`) after checking the spec and the
+    /// host. On any error nothing is left behind.
+    pub fn create(&mut self, spec: VmSpec, backend: BackendKind) -> Result<VmRecord, ManagerError> {
+        spec.validate()?;
+        let name = spec.name.clone();
+        self.backend(backend)?
+            .check(&spec)
+            .map_err(|source| ManagerError::Backend { name, source })?;
+        let id = new_id()?;
+        self.insert_record(id, spec, backend)
+    }
+
+    fn insert_record(
+        &mut self,
+        id: String,
+        spec: VmSpec,
+        backend: BackendKind,
+    ) -> Result<VmRecord, ManagerError> {
+        let work_dir = self.layout.vm_dir(&id);
+        create_private_dir(&work_dir)?;
+        let now = chrono::Utc::now();
+        let record = VmRecord {
+            schema: RECORD_SCHEMA,
+            id,
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            backend,
+            state: VmState::Created,
+            spec,
+            work_dir: work_dir.clone(),
+            sockets: Default::default(),
+            pid: None,
+            pid_start_time: None,
+            accel: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            stopped_at: None,
+            first_booted: false,
+            exit_reason: None,
+            last_console_lines: Vec::new(),
+            snapshot_ids: Vec::new(),
+        };
+        if let Err(err) = self.store.insert(&record) {
+            let _ = std::fs::remove_dir_all(&work_dir);
+            return Err(err.into());
+        }
+        Ok(record)
+    }
+
+    /// One VM by name or id, its state reconciled with its process.
+    pub fn inspect(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+    ) -> Result<VmRecord, ManagerError> {
+        let record = self.store.find(namespace, key)?;
+        self.reconcile(record)
+    }
+
+    /// All VMs, each reconciled.
+    pub fn list(&mut self) -> Result<Vec<VmRecord>, ManagerError> {
+        let records = self.store.list()?;
+        records.into_iter().map(|r| self.reconcile(r)).collect()
+    }
+
+    /// Path of the VM's serial console log.
+    pub fn console_log(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+    ) -> Result<PathBuf, ManagerError> {
+        let record = self.store.find(namespace, key)?;
+        Ok(record
+            .sockets
+            .console_log
+            .clone()
+            .unwrap_or_else(|| record.work_dir.join("console.log")))
+    }
+
+    /// Removes a VM: refused while it runs unless `force`, which kills it.
+    pub fn remove(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        force: bool,
+    ) -> Result<VmRecord, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        if record.state.has_process() {
+            if !force {
+                return Err(ManagerError::InvalidState {
+                    name: record.name,
+                    state: record.state,
+                    action: "remove it",
+                    hint: "; stop it first (`hangar stop`) or use `hangar rm -f`",
+                });
+            }
+            self.kill_now(&record)?;
+        }
+        self.destroy(&record)?;
+        Ok(record)
+    }
+
+    /// Deletes the work dir, then the record (a crash in between leaves a
+    /// record that `rm` removes again).
+    fn destroy(&mut self, record: &VmRecord) -> Result<(), ManagerError> {
+        match std::fs::remove_dir_all(&record.work_dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ManagerError::Io {
+                    path: record.work_dir.clone(),
+                    source,
+                })
+            }
+        }
+        self.store.delete(&record.id)?;
+        Ok(())
+    }
+
+    /// The default image, built on first use.
+    pub fn default_image(&self) -> Result<DefaultImage, ManagerError> {
+        Ok(ensure_default_image(&self.layout.images_dir())?)
+    }
+
+    /// The QEMU binary that will run VMs.
+    pub fn qemu_binary(&self) -> Result<PathBuf, ManagerError> {
+        self.qemu
+            .resolve_binary()
+            .map_err(|source| ManagerError::Backend {
+                name: "-".into(),
+                source,
+            })
+    }
+
+    /// The firmware QEMU boots with, when not QEMU's default.
+    pub fn qemu_bios(&self) -> Option<PathBuf> {
+        self.qemu.bios()
+    }
+
+    /// The accelerator VMs will use, probing once per host setup.
+    pub fn accelerator(&mut self) -> Result<AccelChoice, ManagerError> {
+        if let Some(choice) = &self.accel {
+            return Ok(choice.clone());
+        }
+        let image = self.default_image()?;
+        let qemu = self.qemu_binary()?;
+        let bios = self.qemu.bios();
+        let inputs = ProbeInputs {
+            qemu: &qemu,
+            bios: bios.as_deref(),
+            kernel: &image.kernel,
+            initramfs: &image.initramfs,
+            image_key: &image.key,
+        };
+        let choice = accel::choose(&self.layout.cache_dir(), &inputs, self.forced_accel);
+        self.accel = Some(choice.clone());
+        Ok(choice)
+    }
+}
+
+/// Parses what a user writes after `--image`.
+pub fn parse_image(reference: &str) -> Result<ImageSource, ManagerError> {
+    match reference {
+        "" | "default" => Ok(ImageSource::Default),
+        other => Err(ManagerError::UnknownImage {
+            reference: other.to_owned(),
+        }),
+    }
+}
+
+/// 12 random hex digits.
+pub fn new_id() -> Result<String, ManagerError> {
+    let mut bytes = [0u8; 6];
+    getrandom::getrandom(&mut bytes).map_err(|err| ManagerError::Io {
+        path: Path::new("/dev/urandom").to_path_buf(),
+        source: std::io::Error::other(err),
+    })?;
+    Ok(hex::encode(bytes))
+}

@@ -1,0 +1,73 @@
+//! Reconciliation: every command compares records with the processes they
+//! name, so a VMM that died behind Hangar's back is noticed at the next
+//! `ps` or `inspect`, without a daemon.
+
+use super::{Manager, ManagerError};
+use crate::backend::VmmStatus;
+use crate::record::{VmRecord, VmState};
+
+/// What the kernel prints when the guest powers itself off.
+const GUEST_POWER_OFF_LINE: &str = "reboot: Power down";
+
+impl Manager {
+    pub(super) fn reconcile(&mut self, record: VmRecord) -> Result<VmRecord, ManagerError> {
+        if !record.state.has_process() {
+            return Ok(record);
+        }
+        let backend = self.backend(record.backend)?;
+        let status = backend.status(&record);
+        match (record.state, status) {
+            (_, VmmStatus::Gone) => self.record_death(&record),
+            (VmState::Running, VmmStatus::Paused) | (VmState::Paused, VmmStatus::Running) => {
+                let to = if status == VmmStatus::Paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                Ok(self.store.update(&record.id, |r| {
+                    if r.state == record.state {
+                        super::lifecycle::transition(r, to, "follow its VMM")?;
+                    }
+                    Ok::<_, ManagerError>(())
+                })?)
+            }
+            _ => Ok(record),
+        }
+    }
+
+    fn record_death(&mut self, record: &VmRecord) -> Result<VmRecord, ManagerError> {
+        let console = self.console_tail(record);
+        let qemu_log = crate::fsutil::tail_lines(&record.work_dir.join("qemu.log"), 1);
+        let powered_off = console
+            .iter()
+            .any(|line| line.contains(GUEST_POWER_OFF_LINE));
+        let (state, reason) = if record.state == VmState::Stopping || powered_off {
+            (VmState::Stopped, "the guest powered off".to_owned())
+        } else {
+            let pid = record.pid.map_or("?".into(), |p| p.to_string());
+            let detail = qemu_log
+                .first()
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default();
+            (
+                VmState::Failed,
+                format!("the VMM process {pid} exited unexpectedly (killed or crashed){detail}"),
+            )
+        };
+        let observed = (record.state, record.pid);
+        Ok(self.store.update(&record.id, |r| {
+            // Another process may have acted since we looked: only record
+            // the death we saw.
+            if (r.state, r.pid) != observed {
+                return Ok(());
+            }
+            super::lifecycle::transition(r, state, "record its end")?;
+            r.pid = None;
+            r.pid_start_time = None;
+            r.stopped_at = Some(chrono::Utc::now());
+            r.exit_reason = Some(reason);
+            r.last_console_lines = console;
+            Ok::<_, ManagerError>(())
+        })?)
+    }
+}

@@ -1,0 +1,123 @@
+//! `exec` in a running VM, and `run`: create, start, exec, clean up.
+
+use std::time::Duration;
+
+use hangar_proto::{ExecRequest, ExitStatus};
+
+use super::lifecycle::{vmm_alive_check, DEFAULT_STOP_TIMEOUT};
+use super::{Manager, ManagerError};
+use crate::guest::{AgentClient, OutputSink};
+use crate::record::{BackendKind, VmRecord, VmState};
+use crate::spec::VmSpec;
+
+/// How long `exec` waits to reach the agent of a running VM.
+pub const EXEC_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `run` did.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub status: ExitStatus,
+    /// The VM, when it was kept (`keep`); None when it was removed.
+    pub kept: Option<VmRecord>,
+}
+
+impl Manager {
+    /// Runs a command in a running VM, streaming its output to `sink`.
+    pub fn exec(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        request: ExecRequest,
+        sink: &mut dyn OutputSink,
+    ) -> Result<ExitStatus, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        if record.state != VmState::Running {
+            return Err(ManagerError::InvalidState {
+                name: record.name,
+                state: record.state,
+                action: "run a command in it",
+                hint: "; start it first (`hangar start`)",
+            });
+        }
+        let socket = record.sockets.agent.clone().unwrap_or_default();
+        let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
+        let mut check = || vmm_alive_check(pid, start);
+        let mut client = AgentClient::connect(&socket, EXEC_CONNECT_TIMEOUT, &mut check)
+            .map_err(|source| self.guest_error(&record, source))?;
+        let mut check = || vmm_alive_check(pid, start);
+        client
+            .exec(request, sink, &mut check)
+            .map_err(|source| self.guest_error(&record, source))
+    }
+
+    /// `docker run` for VMs: a fresh VM from `spec` runs `request`; the VM
+    /// is removed afterwards unless `keep`, in which case it stays running.
+    /// On error or interrupt the VM is always removed.
+    pub fn run(
+        &mut self,
+        spec: VmSpec,
+        request: ExecRequest,
+        sink: &mut dyn OutputSink,
+        keep: bool,
+    ) -> Result<RunOutcome, ManagerError> {
+        let record = self.create(spec, BackendKind::Qemu)?;
+        let result = self.start_and_exec(&record, request, sink);
+        match result {
+            Ok((status, _client)) if keep => Ok(RunOutcome {
+                status,
+                kept: Some(self.inspect(None, &record.id)?),
+            }),
+            Ok((status, client)) => {
+                let current = self.store.get(&record.id)?.unwrap_or(record);
+                let guest_asked = match client {
+                    Some(mut client) => client.shutdown().is_ok(),
+                    None => false,
+                };
+                let stopping = self.store.update(&current.id, |r| {
+                    super::lifecycle::transition(r, VmState::Stopping, "stop it")
+                })?;
+                self.finish_stop(&stopping, guest_asked, DEFAULT_STOP_TIMEOUT)?;
+                self.remove(None, &current.id, true)?;
+                Ok(RunOutcome { status, kept: None })
+            }
+            Err(err) => {
+                let _ = self.remove(None, &record.id, true);
+                Err(err)
+            }
+        }
+    }
+
+    fn start_and_exec(
+        &mut self,
+        record: &VmRecord,
+        request: ExecRequest,
+        sink: &mut dyn OutputSink,
+    ) -> Result<(ExitStatus, Option<AgentClient>), ManagerError> {
+        let (record, client) = self.start_record(record.clone())?;
+        let Some(mut client) = client else {
+            return Err(ManagerError::Config(
+                "this backend has no guest agent to run commands".into(),
+            ));
+        };
+        let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
+        let mut check = || vmm_alive_check(pid, start);
+        let status = client
+            .exec(request, sink, &mut check)
+            .map_err(|source| self.guest_error(&record, source))?;
+        if crate::interrupt::requested() {
+            return Err(ManagerError::Interrupted);
+        }
+        Ok((status, Some(client)))
+    }
+
+    fn guest_error(&self, record: &VmRecord, source: crate::guest::GuestError) -> ManagerError {
+        if crate::interrupt::requested() {
+            return ManagerError::Interrupted;
+        }
+        ManagerError::Guest {
+            name: record.name.clone(),
+            source,
+            console: self.console_tail(record),
+        }
+    }
+}

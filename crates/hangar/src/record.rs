@@ -1,0 +1,249 @@
+//! What exists: [`VmRecord`], persisted in the store, and [`VmState`] with
+//! its one transition function.
+//!
+//! Compatibility: every field added after version 1 has a serde default, so a
+//! record written by an older Hangar still loads.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::VmSpec;
+
+/// Version of the record document written today.
+pub const RECORD_SCHEMA: u32 = 1;
+
+/// Which hypervisor runs a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Qemu,
+    Firecracker,
+    CloudHypervisor,
+    /// Runs no process; for tests and dry runs.
+    Noop,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+            Self::CloudHypervisor => "cloud-hypervisor",
+            Self::Noop => "noop",
+        })
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(Self::Qemu),
+            "firecracker" => Ok(Self::Firecracker),
+            "cloud-hypervisor" => Ok(Self::CloudHypervisor),
+            "noop" => Ok(Self::Noop),
+            other => Err(format!(
+                "unknown backend {other:?}: use qemu, firecracker, cloud-hypervisor or noop"
+            )),
+        }
+    }
+}
+
+/// Lifecycle of a VM. Change it only through [`VmState::valid_transition`]
+/// (the store's update path enforces this).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Recorded, work dir prepared, never started or not running.
+    Created,
+    /// VMM launched, waiting for the guest to be ready.
+    Starting,
+    /// Guest ready.
+    Running,
+    /// vCPUs stopped; memory kept.
+    Paused,
+    /// Shutdown requested, VMM still alive.
+    Stopping,
+    /// VMM gone after a requested stop or a guest power-off.
+    Stopped,
+    /// VMM gone for a reason nobody asked for, or the start failed.
+    Failed,
+}
+
+impl VmState {
+    /// The one place that says which state changes are legal.
+    pub fn valid_transition(self, to: VmState) -> bool {
+        use VmState::*;
+        match self {
+            Created => matches!(to, Starting),
+            Starting => matches!(to, Running | Stopping | Stopped | Failed),
+            Running => matches!(to, Paused | Stopping | Stopped | Failed),
+            Paused => matches!(to, Running | Stopping | Stopped | Failed),
+            Stopping => matches!(to, Stopped | Failed),
+            Stopped => matches!(to, Starting),
+            Failed => matches!(to, Starting | Stopped),
+        }
+    }
+
+    /// Whether a VMM process is expected to exist.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Paused | Self::Stopping
+        )
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+/// Which accelerator a VM runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        })
+    }
+}
+
+/// Host-side endpoints of a running VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sockets {
+    /// QMP control socket (QEMU).
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
+    /// Agent channel: a unix socket bridged to virtio-serial.
+    #[serde(default)]
+    pub agent: Option<PathBuf>,
+    /// Serial console socket (attach) ...
+    #[serde(default)]
+    pub console: Option<PathBuf>,
+    /// ... and its log file.
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
+}
+
+/// A persisted VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    #[serde(default = "schema_one")]
+    pub schema: u32,
+    /// 12 hex digits, unique in the store.
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub backend: BackendKind,
+    pub state: VmState,
+    pub spec: VmSpec,
+    pub work_dir: PathBuf,
+    #[serde(default)]
+    pub sockets: Sockets,
+    /// VMM process id while one runs ...
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// ... and its start time (clock ticks since host boot), so a reused pid
+    /// is never mistaken for our VMM.
+    #[serde(default)]
+    pub pid_start_time: Option<u64>,
+    #[serde(default)]
+    pub accel: Option<Accel>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub stopped_at: Option<DateTime<Utc>>,
+    /// True once the VM has booted; first-boot-only inputs (a cloud-init
+    /// seed) are attached only before.
+    #[serde(default)]
+    pub first_booted: bool,
+    /// Why the VM last ended, when it ended on its own or failed.
+    #[serde(default)]
+    pub exit_reason: Option<String>,
+    /// Last serial console lines when the VM ended on its own.
+    #[serde(default)]
+    pub last_console_lines: Vec<String>,
+    #[serde(default)]
+    pub snapshot_ids: Vec<String>,
+}
+
+fn schema_one() -> u32 {
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [VmState; 7] = [
+        VmState::Created,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+    ];
+
+    #[test]
+    fn no_state_transitions_to_itself_and_every_state_is_reachable() {
+        for state in ALL {
+            assert!(!state.valid_transition(state), "{state}");
+        }
+        for target in ALL.iter().filter(|s| **s != VmState::Created) {
+            assert!(
+                ALL.iter().any(|from| from.valid_transition(*target)),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn running_vm_cannot_be_started_again() {
+        assert!(!VmState::Running.valid_transition(VmState::Starting));
+        assert!(VmState::Stopped.valid_transition(VmState::Starting));
+    }
+
+    #[test]
+    fn a_version_one_record_without_optional_fields_loads() {
+        let old = r#"{
+            "id": "0123456789ab", "name": "web", "namespace": "default",
+            "backend": "qemu", "state": "stopped",
+            "spec": {"name": "web"},
+            "work_dir": "/var/lib/hangar/vms/0123456789ab",
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+        }"#;
+        let record: VmRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.schema, 1);
+        assert_eq!(record.state, VmState::Stopped);
+        assert!(record.pid.is_none() && !record.first_booted);
+        let again: VmRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(again, record);
+    }
+
+    #[test]
+    fn names_print_lowercase() {
+        assert_eq!(VmState::Running.to_string(), "running");
+        assert_eq!(BackendKind::CloudHypervisor.to_string(), "cloud-hypervisor");
+        assert_eq!("noop".parse::<BackendKind>(), Ok(BackendKind::Noop));
+    }
+}

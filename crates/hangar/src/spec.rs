@@ -1,0 +1,295 @@
+//! What the user asks for: [`VmSpec`]. Plain data, validated without I/O.
+//!
+//! The fields carry the concepts of the systems Hangar unifies: boot source
+//! (default image, kernel + initramfs, disk, OCI), resources, network,
+//! cloud-init, SSH, shared directories, vsock, kernel arguments and labels.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::{ByteSize, GIB, MIB};
+
+/// Namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(256);
+pub const MIN_MEMORY: u64 = 64 * MIB;
+pub const MAX_MEMORY: u64 = 1024 * GIB;
+pub const MAX_CPUS: u32 = 255;
+
+/// Everything needed to create a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique within the namespace: lowercase letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub image: ImageSource,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// Size of the VM's writable disk, for disk-backed images.
+    #[serde(default)]
+    pub disk_size: Option<ByteSize>,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
+    #[serde(default)]
+    pub ssh: Option<SshSpec>,
+    #[serde(default)]
+    pub shared_dirs: Vec<SharedDir>,
+    /// Give the guest a vsock device.
+    #[serde(default)]
+    pub vsock: bool,
+    /// Extra kernel command-line arguments, appended after Hangar's own.
+    #[serde(default)]
+    pub kernel_args: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+fn default_cpus() -> u32 {
+    DEFAULT_CPUS
+}
+fn default_memory() -> ByteSize {
+    DEFAULT_MEMORY
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageSource {
+    /// Hangar's embedded image: Debian cloud kernel + agent initramfs.
+    #[default]
+    Default,
+    /// A kernel and initramfs of the user's own (stateless boot).
+    Kernel {
+        kernel: PathBuf,
+        initramfs: Option<PathBuf>,
+        cmdline: Option<String>,
+    },
+    /// A cloud disk image (qcow2 or raw), booted with firmware.
+    Disk { path: PathBuf },
+    /// An OCI image reference such as `docker.io/library/alpine:3.20`.
+    Oci { reference: String },
+}
+
+/// How the VM is networked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetworkSpec {
+    /// No network device.
+    #[default]
+    None,
+    /// User-mode (slirp) networking with host port forwards.
+    User {
+        #[serde(default)]
+        forwards: Vec<PortForward>,
+    },
+    /// A TAP device on a host bridge.
+    Tap { bridge: String },
+}
+
+/// `HOST:GUEST` TCP forward on 127.0.0.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// A NoCloud seed for cloud-init images.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitSpec {
+    /// Raw cloud-config (or any user-data cloud-init accepts).
+    pub user_data: String,
+    pub instance_id: Option<String>,
+    pub hostname: Option<String>,
+}
+
+/// How to reach the guest over SSH when it has no agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSpec {
+    pub user: String,
+    pub public_key: Option<String>,
+    pub private_key_path: Option<PathBuf>,
+}
+
+/// A host directory visible in the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedDir {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A field of the spec is wrong; the message names it and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("name {name:?} is invalid: use 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")]
+    Name { name: String },
+    #[error("namespace {namespace:?} is invalid: use 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")]
+    Namespace { namespace: String },
+    #[error("cpus is {cpus}: give a number from 1 to {MAX_CPUS}")]
+    Cpus { cpus: u32 },
+    #[error("memory is {memory}: give at least 64M and at most 1T, e.g. --memory 512M")]
+    Memory { memory: ByteSize },
+    #[error("label key {key:?} is invalid: use letters, digits, '-', '_', '.' or '/'")]
+    LabelKey { key: String },
+    #[error("kernel argument {arg:?} is invalid: arguments must be non-empty and contain no whitespace or control characters")]
+    KernelArg { arg: String },
+    #[error("port forward {host}:{guest} is invalid: ports must be 1-65535")]
+    Port { host: u16, guest: u16 },
+}
+
+/// Checks a VM or namespace name: DNS-label-like, so it can also be a
+/// guest hostname.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(b))
+}
+
+impl VmSpec {
+    /// A spec with defaults for everything but the name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: default_namespace(),
+            image: ImageSource::Default,
+            cpus: DEFAULT_CPUS,
+            memory: DEFAULT_MEMORY,
+            disk_size: None,
+            network: NetworkSpec::None,
+            cloud_init: None,
+            ssh: None,
+            shared_dirs: Vec::new(),
+            vsock: false,
+            kernel_args: Vec::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every field that can be checked without I/O.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !is_valid_name(&self.name) {
+            return Err(SpecError::Name {
+                name: self.name.clone(),
+            });
+        }
+        if !is_valid_name(&self.namespace) {
+            return Err(SpecError::Namespace {
+                namespace: self.namespace.clone(),
+            });
+        }
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(SpecError::Cpus { cpus: self.cpus });
+        }
+        if self.memory.0 < MIN_MEMORY || self.memory.0 > MAX_MEMORY {
+            return Err(SpecError::Memory {
+                memory: self.memory,
+            });
+        }
+        for key in self.labels.keys() {
+            let ok = !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !ok {
+                return Err(SpecError::LabelKey { key: key.clone() });
+            }
+        }
+        for arg in &self.kernel_args {
+            if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(SpecError::KernelArg { arg: arg.clone() });
+            }
+        }
+        if let NetworkSpec::User { forwards } = &self.network {
+            if let Some(bad) = forwards.iter().find(|f| f.host == 0 || f.guest == 0) {
+                return Err(SpecError::Port {
+                    host: bad.host,
+                    guest: bad.guest,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_a_minimal_json_spec() {
+        let spec: VmSpec = serde_json::from_str(r#"{"name":"web"}"#).unwrap();
+        assert_eq!(spec, VmSpec::new("web"));
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<VmSpec>(r#"{"name":"web","cpu":2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpu`"), "{err}");
+    }
+
+    #[test]
+    fn bad_fields_name_the_fix() {
+        let mut spec = VmSpec::new("Web!");
+        assert!(matches!(spec.validate(), Err(SpecError::Name { .. })));
+        spec.name = "web".into();
+        spec.memory = ByteSize(0);
+        let err = spec.validate().unwrap_err();
+        assert!(err.to_string().contains("at least 64M"), "{err}");
+        spec.memory = DEFAULT_MEMORY;
+        spec.cpus = 0;
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cpus is 0"));
+        spec.cpus = 1;
+        spec.kernel_args = vec!["a b".into()];
+        assert!(matches!(spec.validate(), Err(SpecError::KernelArg { .. })));
+    }
+
+    #[test]
+    fn every_image_source_round_trips() {
+        for image in [
+            ImageSource::Default,
+            ImageSource::Kernel {
+                kernel: "/k".into(),
+                initramfs: Some("/i".into()),
+                cmdline: None,
+            },
+            ImageSource::Disk {
+                path: "/d.qcow2".into(),
+            },
+            ImageSource::Oci {
+                reference: "alpine:3.20".into(),
+            },
+        ] {
+            let mut spec = VmSpec::new("x");
+            spec.image = image;
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);
+        }
+    }
+}

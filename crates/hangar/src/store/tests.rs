@@ -1,0 +1,111 @@
+use super::*;
+use crate::record::{BackendKind, VmState};
+use crate::spec::VmSpec;
+
+fn record(id: &str, name: &str) -> VmRecord {
+    let now = chrono::Utc::now();
+    VmRecord {
+        schema: crate::record::RECORD_SCHEMA,
+        id: id.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        backend: BackendKind::Noop,
+        state: VmState::Created,
+        spec: VmSpec::new(name),
+        work_dir: "/tmp/x".into(),
+        sockets: Default::default(),
+        pid: None,
+        pid_start_time: None,
+        accel: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        stopped_at: None,
+        first_booted: false,
+        exit_reason: None,
+        last_console_lines: Vec::new(),
+        snapshot_ids: Vec::new(),
+    }
+}
+
+#[test]
+fn insert_find_update_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("h.db")).unwrap();
+    store.insert(&record("aaaaaaaaaaaa", "web")).unwrap();
+    let err = store.insert(&record("bbbbbbbbbbbb", "web")).unwrap_err();
+    assert!(matches!(err, StoreError::NameTaken { .. }), "{err}");
+    assert_eq!(store.find(None, "web").unwrap().id, "aaaaaaaaaaaa");
+    assert_eq!(store.find(None, "aaaa").unwrap().name, "web");
+    assert!(matches!(
+        store.find(None, "nope"),
+        Err(StoreError::NotFound { .. })
+    ));
+    let updated = store
+        .update::<StoreError>("aaaaaaaaaaaa", |r| {
+            r.state = VmState::Starting;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(updated.state, VmState::Starting);
+    assert!(store.delete("aaaaaaaaaaaa").unwrap());
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn failed_update_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("h.db")).unwrap();
+    store.insert(&record("aaaaaaaaaaaa", "web")).unwrap();
+    let result = store.update("aaaaaaaaaaaa", |r| {
+        r.state = VmState::Running;
+        Err(StoreError::NotFound { key: "x".into() })
+    });
+    assert!(result.is_err());
+    assert_eq!(
+        store.get("aaaaaaaaaaaa").unwrap().unwrap().state,
+        VmState::Created
+    );
+}
+
+#[test]
+fn foreign_files_are_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.db");
+    std::fs::write(&text, b"this is not a database at all, just some text....").unwrap();
+    let before = std::fs::read(&text).unwrap();
+    let err = Store::open(&text).unwrap_err();
+    assert!(err.to_string().contains("not a Hangar store"), "{err}");
+    assert_eq!(std::fs::read(&text).unwrap(), before);
+
+    let other = dir.path().join("other.db");
+    Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x INT);")
+        .unwrap();
+    let err = Store::open(&other).unwrap_err();
+    assert!(err.to_string().contains("another program"), "{err}");
+}
+
+#[test]
+fn store_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.db");
+    Store::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.db");
+    drop(Store::open(&path).unwrap());
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+}
