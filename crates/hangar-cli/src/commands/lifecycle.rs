@@ -29,6 +29,9 @@ pub fn start(global: &Global, args: VmArg) -> anyhow::Result<u8> {
     let spinner = Spinner::start(&format!("starting {}", args.vm), global.json);
     let result = manager.start(args.namespace.as_deref(), &args.vm);
     spinner.finish();
+    if let (Some(reason), false) = (manager.fresh_tcg_note(), global.json) {
+        eprintln!("hangar: using TCG: {reason}");
+    }
     let record = result?;
     if global.json {
         print_json(&record)?;

@@ -41,6 +41,16 @@ pub fn open(global: &Global) -> anyhow::Result<Manager> {
     })?)
 }
 
+/// Says once, on stderr, when VMs will run under software emulation and
+/// why (the probe's verdict is cached, so later runs stay quiet).
+pub fn note_accelerator(manager: &mut Manager, global: &Global) -> anyhow::Result<()> {
+    manager.accelerator()?;
+    if let (Some(reason), false) = (manager.fresh_tcg_note(), global.json) {
+        eprintln!("hangar: using TCG: {reason}");
+    }
+    Ok(())
+}
+
 /// Builds a spec from the shared resource flags; every value is validated
 /// by the library.
 pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpec> {

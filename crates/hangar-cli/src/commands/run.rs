@@ -3,6 +3,7 @@
 use hangar::ExecRequest;
 
 use super::{exit_code, open, parse_env, spec_from};
+
 use crate::cli::{ExecArgs, Global, RunArgs};
 use crate::output::{print_json, Spinner, StdioSink};
 
@@ -16,6 +17,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         cwd: args.workdir,
     };
     let mut manager = open(global)?;
+    super::note_accelerator(&mut manager, global)?;
     let spinner = Spinner::start("booting VM", global.json);
     let mut sink = BootThenStream {
         spinner: Some(spinner),

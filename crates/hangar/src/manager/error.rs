@@ -28,6 +28,9 @@ pub enum ManagerError {
         #[source]
         source: BackendError,
     },
+    /// The host lacks something every VM needs.
+    #[error(transparent)]
+    Host(BackendError),
     #[error("VM {name} is {state}: cannot {action}{hint}")]
     InvalidState {
         name: String,

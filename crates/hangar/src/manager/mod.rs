@@ -204,17 +204,21 @@ impl Manager {
 
     /// The QEMU binary that will run VMs.
     pub fn qemu_binary(&self) -> Result<PathBuf, ManagerError> {
-        self.qemu
-            .resolve_binary()
-            .map_err(|source| ManagerError::Backend {
-                name: "-".into(),
-                source,
-            })
+        self.qemu.resolve_binary().map_err(ManagerError::Host)
     }
 
     /// The firmware QEMU boots with, when not QEMU's default.
     pub fn qemu_bios(&self) -> Option<PathBuf> {
         self.qemu.bios()
+    }
+
+    /// When this process probed the host afresh and chose TCG: why. Callers
+    /// print it once; a cached verdict stays quiet.
+    pub fn fresh_tcg_note(&self) -> Option<&str> {
+        self.accel
+            .as_ref()
+            .filter(|c| c.accel == Accel::Tcg && !c.cached)
+            .map(|c| c.reason.as_str())
     }
 
     /// The accelerator VMs will use, probing once per host setup.

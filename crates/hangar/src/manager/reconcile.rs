@@ -55,7 +55,7 @@ impl Manager {
             )
         };
         let observed = (record.state, record.pid);
-        Ok(self.store.update(&record.id, |r| {
+        self.store.update(&record.id, |r| {
             // Another process may have acted since we looked: only record
             // the death we saw.
             if (r.state, r.pid) != observed {
@@ -68,6 +68,6 @@ impl Manager {
             r.exit_reason = Some(reason);
             r.last_console_lines = console;
             Ok::<_, ManagerError>(())
-        })?)
+        })
     }
 }

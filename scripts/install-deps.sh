@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Hangar needs on a Debian host: QEMU, a static busybox for the
+# guest, the Debian cloud kernel *package file* (unpacked later by Hangar
+# into its image store; never installed into the host's /boot), and the Rust
+# musl target the guest agent is built for.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need_apt=0
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt=1
+# The guest has no libc: busybox must be the static build (busybox-static).
+if [ ! -x /bin/busybox ] || ! ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; then
+  need_apt=1
+fi
+[ -f /usr/share/qemu/qboot.rom ] || need_apt=1
+
+if [ "$need_apt" -eq 1 ]; then
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    qemu-system-x86 qemu-system-data busybox-static ca-certificates >/dev/null
+fi
+
+# The kernel package: apt's cache is where Hangar looks for it.
+archives=/var/cache/apt/archives
+if ! ls "$archives"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+  pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+  if [ -z "$pkg" ]; then
+    $SUDO apt-get update -qq
+    pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+  fi
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"
+  (cd "$tmp" && $SUDO apt-get download -qq "$pkg")
+  $SUDO mv "$tmp"/*.deb "$archives"/
+  rm -rf "$tmp"
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl
+else
+  echo "rustup not found: install Rust from https://rustup.rs, then rerun" >&2
+  exit 1
+fi
