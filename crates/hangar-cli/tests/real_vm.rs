@@ -88,8 +88,8 @@ fn stop_ends_qemu_and_records_stopped() {
 
     ok(&hangar(state, &["stop", &name]));
     assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU pid {pid} still exists after stop"
+        !process_running(pid),
+        "QEMU pid {pid} still runs after stop"
     );
     let record = inspect(state, &name);
     assert_eq!(record["state"], "stopped", "{record:#}");
@@ -110,14 +110,14 @@ fn qemu_killed_behind_hangars_back_shows_failed_with_reason() {
         name: name.clone(),
     };
     ok(&hangar(state, &["start", &name]));
-    let pid = inspect(state, &name)["pid"].as_u64().expect("pid") as i32;
+    let pid = inspect(state, &name)["pid"].as_u64().expect("pid") as u32;
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .expect("run kill");
     assert!(status.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while process_running(pid) {
         assert!(
             std::time::Instant::now() < deadline,
             "pid {pid} survived SIGKILL"

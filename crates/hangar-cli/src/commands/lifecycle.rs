@@ -30,7 +30,7 @@ pub fn start(global: &Global, args: VmArg) -> anyhow::Result<u8> {
     let result = manager.start(args.namespace.as_deref(), &args.vm);
     spinner.finish();
     if let (Some(reason), false) = (manager.fresh_tcg_note(), global.json) {
-        eprintln!("hangar: using TCG: {reason}");
+        eprintln!("hangar: {reason}");
     }
     let record = result?;
     if global.json {

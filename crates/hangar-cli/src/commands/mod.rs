@@ -46,7 +46,7 @@ pub fn open(global: &Global) -> anyhow::Result<Manager> {
 pub fn note_accelerator(manager: &mut Manager, global: &Global) -> anyhow::Result<()> {
     manager.accelerator()?;
     if let (Some(reason), false) = (manager.fresh_tcg_note(), global.json) {
-        eprintln!("hangar: using TCG: {reason}");
+        eprintln!("hangar: {reason}");
     }
     Ok(())
 }

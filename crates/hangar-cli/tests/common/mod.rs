@@ -159,3 +159,17 @@ impl Drop for VmGuard<'_> {
         let _ = hangar(self.state, &["rm", "-f", &self.name]);
     }
 }
+
+/// True while `pid` exists and is not a zombie. A daemonized QEMU is
+/// reparented to PID 1; a zombie means it exited and waits for init (which
+/// in some sandboxes never reaps), so it counts as gone.
+pub fn process_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .unwrap_or("X");
+    !matches!(state, "Z" | "X")
+}
