@@ -11,9 +11,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need_apt=0
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt=1
 # The guest has no libc: busybox must be the static build (busybox-static).
-if [ ! -x /bin/busybox ] || ! ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; then
-  need_apt=1
-fi
+busybox_ldd=$(ldd /bin/busybox 2>&1 || true)
+case "$busybox_ldd" in
+  *"not a dynamic"*) ;;
+  *) need_apt=1 ;;
+esac
 [ -f /usr/share/qemu/qboot.rom ] || need_apt=1
 
 if [ "$need_apt" -eq 1 ]; then
@@ -22,8 +24,10 @@ if [ "$need_apt" -eq 1 ]; then
     qemu-system-x86 qemu-system-data busybox-static ca-certificates >/dev/null
 fi
 
-# The kernel package: apt's cache is where Hangar looks for it.
-archives=/var/cache/apt/archives
+# The kernel package goes to Hangar's package cache, not apt's: Debian
+# container images wipe /var/cache/apt/archives after every install.
+archives=/var/cache/hangar/packages
+$SUDO mkdir -p "$archives"
 if ! ls "$archives"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
   pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
   if [ -z "$pkg" ]; then

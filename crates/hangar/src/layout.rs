@@ -9,6 +9,7 @@
 //!   images-v1/default/<key>/    the embedded default image: vmlinux,
 //!                               initramfs.cpio, image.json (key = its inputs)
 //!   images-v1/tmp/              half-built images (removed by gc)
+//!   packages-v1/                Debian packages Hangar downloaded itself
 //!   cache-v1/accel.json         the accelerator probe's cached verdict
 //! ```
 //!
@@ -85,6 +86,10 @@ impl Layout {
 
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images-v1")
+    }
+
+    pub fn packages_dir(&self) -> PathBuf {
+        self.root.join("packages-v1")
     }
 
     pub fn cache_dir(&self) -> PathBuf {

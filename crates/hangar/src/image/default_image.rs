@@ -3,10 +3,12 @@
 //! and the virtio modules the agent loads.
 //!
 //! Inputs, all from Debian packages on the host:
-//! - the kernel package `linux-image-*-cloud-amd64` as a `.deb` (from
-//!   `HANGAR_KERNEL_DEB`, else apt's cache `/var/cache/apt/archives`, where
-//!   `apt-get install --download-only linux-image-cloud-amd64` puts it). It is
-//!   unpacked into Hangar's image store, never installed into the host's /boot.
+//! - the kernel package `linux-image-*-cloud-amd64` as a `.deb`, from
+//!   `HANGAR_KERNEL_DEB`, else the first of `<state>/packages-v1/`,
+//!   `/var/cache/hangar/packages/` (where `scripts/install-deps.sh` puts it)
+//!   and apt's cache; when none has it, Hangar runs `apt-get download` into
+//!   `<state>/packages-v1/`. It is unpacked into Hangar's image store, never
+//!   installed into the host's /boot.
 //! - `/bin/busybox` from `busybox-static` (must be static: the guest has no libc).
 //! - the agent, embedded in this library at build time.
 //!
@@ -35,8 +37,10 @@ const GUEST_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
-/// Where apt keeps downloaded packages.
-const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+/// Folders searched for the kernel package after the state dir's own.
+const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/archives"];
+/// The Debian metapackage that names the current cloud kernel package.
+const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes, so old cached images are not used.
 const IMAGE_FORMAT: u32 = 1;
@@ -44,8 +48,10 @@ const IMAGE_FORMAT: u32 = 1;
 /// Why the default image could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum DefaultImageError {
-    #[error("no Debian cloud kernel package found (looked for {looked}); run `apt-get install --download-only linux-image-cloud-amd64` (or `make deps`), or set HANGAR_KERNEL_DEB to a linux-image-*-cloud-amd64 .deb")]
-    KernelPackageMissing { looked: String },
+    #[error("no Debian cloud kernel package found (looked in {looked}; `apt-get download` failed: {download}); run `make deps`, or set HANGAR_KERNEL_DEB to a linux-image-*-cloud-amd64 .deb")]
+    KernelPackageMissing { looked: String, download: String },
+    #[error("HANGAR_KERNEL_DEB={path} is not a file; point it at a linux-image-*-cloud-amd64 .deb or unset it")]
+    KernelDebNotFile { path: PathBuf },
     #[error("{path} is missing; install Debian's busybox-static package (the guest needs a static busybox)")]
     BusyboxMissing { path: PathBuf },
     #[error(
@@ -91,8 +97,12 @@ pub struct DefaultImage {
 }
 
 /// Returns the default image under `images_dir`, building it when missing.
-pub fn ensure_default_image(images_dir: &Path) -> Result<DefaultImage, DefaultImageError> {
-    let deb = find_kernel_deb()?;
+/// `packages_dir` is the state dir's own package cache.
+pub fn ensure_default_image(
+    images_dir: &Path,
+    packages_dir: &Path,
+) -> Result<DefaultImage, DefaultImageError> {
+    let deb = find_kernel_deb(packages_dir)?;
     check_busybox(Path::new(BUSYBOX))?;
     let key = image_key(&deb, Path::new(BUSYBOX))?;
     let final_dir = images_dir.join("default").join(&key);
@@ -136,17 +146,35 @@ pub fn ensure_default_image(images_dir: &Path) -> Result<DefaultImage, DefaultIm
     Ok(image)
 }
 
-fn find_kernel_deb() -> Result<PathBuf, DefaultImageError> {
+fn find_kernel_deb(packages_dir: &Path) -> Result<PathBuf, DefaultImageError> {
     if let Some(path) = std::env::var_os("HANGAR_KERNEL_DEB").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
         }
-        return Err(DefaultImageError::KernelPackageMissing {
-            looked: format!("HANGAR_KERNEL_DEB={}", path.display()),
-        });
+        return Err(DefaultImageError::KernelDebNotFile { path });
     }
-    let newest = std::fs::read_dir(APT_ARCHIVES)
+    let mut dirs = vec![packages_dir.to_path_buf()];
+    dirs.extend(PACKAGE_DIRS.iter().map(PathBuf::from));
+    for dir in &dirs {
+        if let Some(deb) = newest_kernel_deb(dir) {
+            return Ok(deb);
+        }
+    }
+    let looked = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match download_kernel_deb(packages_dir) {
+        Ok(deb) => Ok(deb),
+        Err(download) => Err(DefaultImageError::KernelPackageMissing { looked, download }),
+    }
+}
+
+/// The most recently modified `linux-image-*-cloud-amd64_*.deb` in `dir`.
+fn newest_kernel_deb(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -158,12 +186,44 @@ fn find_kernel_deb() -> Result<PathBuf, DefaultImageError> {
                 && name.ends_with(".deb")
         })
         .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
-        .max();
-    newest
+        .max()
         .map(|(_, path)| path)
-        .ok_or_else(|| DefaultImageError::KernelPackageMissing {
-            looked: format!("{APT_ARCHIVES}/linux-image-*-cloud-amd64_*.deb"),
-        })
+}
+
+/// Asks apt which package the cloud-kernel metapackage depends on and
+/// downloads that `.deb` (not installs it) into `dir`. Fixed arguments only.
+fn download_kernel_deb(dir: &Path) -> Result<PathBuf, String> {
+    let depends = Command::new("apt-cache")
+        .args(["depends", KERNEL_METAPACKAGE])
+        .output()
+        .map_err(|err| format!("cannot run apt-cache: {err}"))?;
+    let text = String::from_utf8_lossy(&depends.stdout);
+    let package = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Depends: "))
+        .find(|name| name.starts_with("linux-image-") && name.ends_with("-cloud-amd64"))
+        .ok_or_else(|| format!("apt-cache knows no {KERNEL_METAPACKAGE} (run apt-get update?)"))?
+        .to_owned();
+    // Only package names apt itself printed reach apt-get, and they are
+    // checked to be plain names.
+    if !package
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-.+".contains(c))
+    {
+        return Err(format!(
+            "unexpected package name {package:?} from apt-cache"
+        ));
+    }
+    fs_err::create_dir_all(dir).map_err(|err| err.to_string())?;
+    let output = Command::new("apt-get")
+        .args(["download", "-q", &package])
+        .current_dir(dir)
+        .output()
+        .map_err(|err| format!("cannot run apt-get: {err}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+    }
+    newest_kernel_deb(dir).ok_or_else(|| format!("apt-get download {package} wrote no .deb"))
 }
 
 /// A static ELF has no PT_INTERP program header.

@@ -199,7 +199,10 @@ impl Manager {
 
     /// The default image, built on first use.
     pub fn default_image(&self) -> Result<DefaultImage, ManagerError> {
-        Ok(ensure_default_image(&self.layout.images_dir())?)
+        Ok(ensure_default_image(
+            &self.layout.images_dir(),
+            &self.layout.packages_dir(),
+        )?)
     }
 
     /// The QEMU binary that will run VMs.
@@ -261,3 +264,6 @@ pub fn new_id() -> Result<String, ManagerError> {
     })?;
     Ok(hex::encode(bytes))
 }
+
+#[cfg(test)]
+mod tests;

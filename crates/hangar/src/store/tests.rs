@@ -109,3 +109,34 @@ fn newer_schema_is_refused() {
     let err = Store::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
 }
+
+#[test]
+fn concurrent_writers_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.db");
+    drop(Store::open(&path).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut store = Store::open(&path).unwrap();
+                for i in 0..25 {
+                    let id = format!("{t:06x}{i:06x}");
+                    store.insert(&record(&id, &format!("vm-{t}-{i}"))).unwrap();
+                    store
+                        .update::<StoreError>(&id, |r| {
+                            r.state = VmState::Starting;
+                            Ok(())
+                        })
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let records = Store::open(&path).unwrap().list().unwrap();
+    assert_eq!(records.len(), 200);
+    assert!(records.iter().all(|r| r.state == VmState::Starting));
+}

@@ -1,0 +1,70 @@
+use super::*;
+use crate::record::VmState;
+
+fn manager(dir: &Path) -> Manager {
+    Manager::open(ManagerOptions {
+        state_dir: Some(dir.to_path_buf()),
+        accel: Some(Accel::Tcg),
+    })
+    .unwrap()
+}
+
+#[test]
+fn noop_vm_goes_through_its_whole_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let vm = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    assert_eq!(vm.state, VmState::Created);
+    assert!(vm.work_dir.is_dir());
+    assert_eq!(m.start(None, "web").unwrap().state, VmState::Running);
+    let stopped = m.stop(None, "web", None).unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    assert!(stopped.exit_reason.unwrap().contains("stopped on request"));
+    assert!(stopped.stopped_at.is_some());
+    assert_eq!(m.start(None, &vm.id).unwrap().state, VmState::Running);
+    let err = m.remove(None, "web", false).unwrap_err();
+    assert!(err.to_string().contains("hangar rm -f"), "{err}");
+    m.remove(None, "web", true).unwrap();
+    assert!(!vm.work_dir.exists());
+    assert!(m.list().unwrap().is_empty());
+}
+
+#[test]
+fn invalid_spec_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let mut spec = VmSpec::new("web");
+    spec.cpus = 0;
+    assert!(m.create(spec, BackendKind::Noop).is_err());
+    assert!(m.list().unwrap().is_empty());
+    let entries = std::fs::read_dir(m.layout().vms_dir()).unwrap().count();
+    assert_eq!(entries, 0);
+}
+
+#[test]
+fn names_are_unique_per_namespace_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    let mut other = VmSpec::new("web");
+    other.namespace = "staging".into();
+    m.create(other, BackendKind::Noop).unwrap();
+    let err = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    // The bare name is ambiguous across namespaces; a namespace settles it.
+    assert!(m.inspect(None, "web").is_err());
+    assert_eq!(
+        m.inspect(Some("staging"), "web").unwrap().namespace,
+        "staging"
+    );
+    assert_eq!(m.list().unwrap().len(), 2);
+    // The refused create left no work dir behind.
+    assert_eq!(std::fs::read_dir(m.layout().vms_dir()).unwrap().count(), 2);
+}
+
+#[test]
+fn image_references_other_than_default_are_unknown() {
+    assert_eq!(parse_image("default").unwrap(), ImageSource::Default);
+    let err = parse_image("alpine:3.20").unwrap_err();
+    assert!(err.to_string().contains("unknown image"), "{err}");
+}
