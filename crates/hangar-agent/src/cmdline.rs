@@ -32,3 +32,20 @@ impl KernelCmdline {
         self.words.iter().any(|word| word == key) || self.value(key) == Some("1")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_flags() {
+        let cmdline = KernelCmdline::parse(
+            "console=ttyS0 hangar.hostname=a hangar.probe hangar.hostname=web\n",
+        );
+        assert_eq!(cmdline.value("hangar.hostname"), Some("web"));
+        assert_eq!(cmdline.value("console"), Some("ttyS0"));
+        assert!(cmdline.flag("hangar.probe"));
+        assert!(!cmdline.flag("hangar.other"));
+        assert_eq!(cmdline.value("hangar.host"), None, "prefixes do not match");
+    }
+}

@@ -99,6 +99,13 @@ pub struct RunArgs {
     /// Keep the VM running after the command, for later `exec`.
     #[arg(long)]
     pub keep: bool,
+    #[command(flatten)]
+    pub command: CommandArgs,
+}
+
+/// The guest command of `run` and `exec`.
+#[derive(Debug, Args)]
+pub struct CommandArgs {
     /// Environment variable KEY=VALUE for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -107,7 +114,7 @@ pub struct RunArgs {
     pub workdir: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    pub argv: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -171,12 +178,8 @@ pub struct LogsArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub vm: VmArg,
-    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    #[arg(long, short = 'w')]
-    pub workdir: Option<String>,
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub command: CommandArgs,
 }
 
 #[derive(Debug, Args)]

@@ -189,6 +189,46 @@ fn schema_one() -> u32 {
     1
 }
 
+impl VmRecord {
+    /// A freshly created VM: state `created`, no process, timestamps now.
+    pub fn new(id: String, spec: VmSpec, backend: BackendKind, work_dir: PathBuf) -> Self {
+        let now = Utc::now();
+        Self {
+            schema: RECORD_SCHEMA,
+            id,
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            backend,
+            state: VmState::Created,
+            spec,
+            work_dir,
+            sockets: Sockets::default(),
+            pid: None,
+            pid_start_time: None,
+            accel: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            stopped_at: None,
+            first_booted: false,
+            exit_reason: None,
+            last_console_lines: Vec::new(),
+            snapshot_ids: Vec::new(),
+        }
+    }
+
+    /// Records that the VMM is gone: the end state, why, and the console's
+    /// last lines. The caller has checked the transition.
+    pub fn mark_ended(&mut self, state: VmState, reason: String, console: Vec<String>) {
+        self.state = state;
+        self.pid = None;
+        self.pid_start_time = None;
+        self.stopped_at = Some(Utc::now());
+        self.exit_reason = Some(reason);
+        self.last_console_lines = console;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

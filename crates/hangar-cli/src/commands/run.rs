@@ -4,18 +4,14 @@ use hangar::ExecRequest;
 
 use super::{exit_code, open, parse_env, spec_from};
 
-use crate::cli::{ExecArgs, Global, RunArgs};
+use crate::cli::{CommandArgs, ExecArgs, Global, RunArgs};
 use crate::output::{print_json, Spinner, StdioSink};
 
 pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let id = hangar::manager::new_id()?;
     let name = args.name.clone().unwrap_or_else(|| format!("run-{id}"));
     let spec = spec_from(name, &args.resources)?;
-    let request = ExecRequest {
-        argv: args.command,
-        env: parse_env(&args.env)?,
-        cwd: args.workdir,
-    };
+    let request = exec_request(args.command)?;
     let mut manager = open(global)?;
     super::note_accelerator(&mut manager, global)?;
     let spinner = Spinner::start("booting VM", global.json);
@@ -39,11 +35,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
 }
 
 pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
-    let request = ExecRequest {
-        argv: args.command,
-        env: parse_env(&args.env)?,
-        cwd: args.workdir,
-    };
+    let request = exec_request(args.command)?;
     let mut manager = open(global)?;
     let status = manager.exec(
         args.vm.namespace.as_deref(),
@@ -52,6 +44,14 @@ pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
         &mut StdioSink,
     )?;
     Ok(exit_code(status))
+}
+
+fn exec_request(command: CommandArgs) -> anyhow::Result<ExecRequest> {
+    Ok(ExecRequest {
+        env: parse_env(&command.env)?,
+        argv: command.argv,
+        cwd: command.workdir,
+    })
 }
 
 /// Clears the boot spinner when the first output arrives.

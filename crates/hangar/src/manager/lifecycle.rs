@@ -147,11 +147,7 @@ impl Manager {
             if r.state != state {
                 transition(r, state, "record its end")?;
             }
-            r.pid = None;
-            r.pid_start_time = None;
-            r.stopped_at = Some(chrono::Utc::now());
-            r.exit_reason = Some(reason);
-            r.last_console_lines = console;
+            r.mark_ended(state, reason, console);
             Ok::<_, ManagerError>(())
         })
     }

@@ -14,7 +14,7 @@ use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::image::{ensure_default_image, DefaultImage};
 use crate::layout::{create_private_dir, Layout};
-use crate::record::{Accel, BackendKind, VmRecord, VmState, RECORD_SCHEMA};
+use crate::record::{Accel, BackendKind, VmRecord};
 use crate::spec::{ImageSource, VmSpec};
 use crate::store::Store;
 
@@ -97,29 +97,7 @@ impl Manager {
     ) -> Result<VmRecord, ManagerError> {
         let work_dir = self.layout.vm_dir(&id);
         create_private_dir(&work_dir)?;
-        let now = chrono::Utc::now();
-        let record = VmRecord {
-            schema: RECORD_SCHEMA,
-            id,
-            name: spec.name.clone(),
-            namespace: spec.namespace.clone(),
-            backend,
-            state: VmState::Created,
-            spec,
-            work_dir: work_dir.clone(),
-            sockets: Default::default(),
-            pid: None,
-            pid_start_time: None,
-            accel: None,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            stopped_at: None,
-            first_booted: false,
-            exit_reason: None,
-            last_console_lines: Vec::new(),
-            snapshot_ids: Vec::new(),
-        };
+        let record = VmRecord::new(id, spec, backend, work_dir.clone());
         if let Err(err) = self.store.insert(&record) {
             let _ = std::fs::remove_dir_all(&work_dir);
             return Err(err.into());
@@ -210,9 +188,16 @@ impl Manager {
         self.qemu.resolve_binary().map_err(ManagerError::Host)
     }
 
-    /// The firmware QEMU boots with, when not QEMU's default.
-    pub fn qemu_bios(&self) -> Option<PathBuf> {
-        self.qemu.bios()
+    /// What a raw QEMU boot of the default image needs (probe, bench).
+    pub fn probe_inputs(&self) -> Result<ProbeInputs, ManagerError> {
+        let image = self.default_image()?;
+        Ok(ProbeInputs {
+            qemu: self.qemu_binary()?,
+            bios: self.qemu.bios(),
+            kernel: image.kernel,
+            initramfs: image.initramfs,
+            image_key: image.key,
+        })
     }
 
     /// When this process probed the host afresh and chose TCG: why. Callers
@@ -229,16 +214,7 @@ impl Manager {
         if let Some(choice) = &self.accel {
             return Ok(choice.clone());
         }
-        let image = self.default_image()?;
-        let qemu = self.qemu_binary()?;
-        let bios = self.qemu.bios();
-        let inputs = ProbeInputs {
-            qemu: &qemu,
-            bios: bios.as_deref(),
-            kernel: &image.kernel,
-            initramfs: &image.initramfs,
-            image_key: &image.key,
-        };
+        let inputs = self.probe_inputs()?;
         let choice = accel::choose(&self.layout.cache_dir(), &inputs, self.forced_accel);
         self.accel = Some(choice.clone());
         Ok(choice)

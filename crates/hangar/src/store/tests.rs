@@ -3,29 +3,12 @@ use crate::record::{BackendKind, VmState};
 use crate::spec::VmSpec;
 
 fn record(id: &str, name: &str) -> VmRecord {
-    let now = chrono::Utc::now();
-    VmRecord {
-        schema: crate::record::RECORD_SCHEMA,
-        id: id.into(),
-        name: name.into(),
-        namespace: "default".into(),
-        backend: BackendKind::Noop,
-        state: VmState::Created,
-        spec: VmSpec::new(name),
-        work_dir: "/tmp/x".into(),
-        sockets: Default::default(),
-        pid: None,
-        pid_start_time: None,
-        accel: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        stopped_at: None,
-        first_booted: false,
-        exit_reason: None,
-        last_console_lines: Vec::new(),
-        snapshot_ids: Vec::new(),
-    }
+    VmRecord::new(
+        id.into(),
+        VmSpec::new(name),
+        BackendKind::Noop,
+        "/tmp/x".into(),
+    )
 }
 
 #[test]

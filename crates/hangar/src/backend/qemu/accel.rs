@@ -42,17 +42,17 @@ struct CacheEntry {
 
 /// Inputs of the probe boot.
 #[derive(Debug)]
-pub struct ProbeInputs<'a> {
-    pub qemu: &'a Path,
-    pub bios: Option<&'a Path>,
-    pub kernel: &'a Path,
-    pub initramfs: &'a Path,
-    pub image_key: &'a str,
+pub struct ProbeInputs {
+    pub qemu: PathBuf,
+    pub bios: Option<PathBuf>,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub image_key: String,
 }
 
 /// Picks KVM or TCG. `forced` (from `HANGAR_ACCEL` or a flag) skips the
 /// probe.
-pub fn choose(cache_dir: &Path, inputs: &ProbeInputs<'_>, forced: Option<Accel>) -> AccelChoice {
+pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> AccelChoice {
     if let Some(accel) = forced {
         return AccelChoice {
             accel,
@@ -110,9 +110,9 @@ fn read_cache(path: &Path, key: &str) -> Option<AccelChoice> {
 }
 
 /// Host kernel release + QEMU binary identity + image: any change re-probes.
-fn cache_key(inputs: &ProbeInputs<'_>) -> String {
+fn cache_key(inputs: &ProbeInputs) -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let qemu_id = std::fs::metadata(inputs.qemu)
+    let qemu_id = std::fs::metadata(&inputs.qemu)
         .ok()
         .map(|m| {
             let mtime = m
@@ -132,7 +132,7 @@ fn cache_key(inputs: &ProbeInputs<'_>) -> String {
     )
 }
 
-fn probe_kvm(inputs: &ProbeInputs<'_>) -> AccelChoice {
+fn probe_kvm(inputs: &ProbeInputs) -> AccelChoice {
     match boot_to_marker(inputs, Accel::Kvm, PROBE_TIMEOUT) {
         Ok(took) => AccelChoice {
             accel: Accel::Kvm,
@@ -152,11 +152,11 @@ fn probe_kvm(inputs: &ProbeInputs<'_>) -> AccelChoice {
 /// long QEMU took from spawn to the marker. Used by the KVM probe and as
 /// the raw-QEMU baseline of `hangar bench`.
 pub fn boot_to_marker(
-    inputs: &ProbeInputs<'_>,
+    inputs: &ProbeInputs,
     accel: Accel,
     timeout: Duration,
 ) -> Result<Duration, String> {
-    let mut command = Command::new(inputs.qemu);
+    let mut command = Command::new(&inputs.qemu);
     command.args(["-machine", &format!("q35,accel={accel}"), "-m", "128M"]);
     if accel == Accel::Kvm {
         command.args(["-cpu", "host"]);
@@ -169,11 +169,11 @@ pub fn boot_to_marker(
         "-serial",
         "stdio",
     ]);
-    if let Some(bios) = inputs.bios {
+    if let Some(bios) = &inputs.bios {
         command.arg("-bios").arg(bios);
     }
-    command.arg("-kernel").arg(inputs.kernel);
-    command.arg("-initrd").arg(inputs.initramfs);
+    command.arg("-kernel").arg(&inputs.kernel);
+    command.arg("-initrd").arg(&inputs.initramfs);
     command.args([
         "-append",
         "console=ttyS0 quiet panic=-1 cryptomgr.notests hangar.probe=1",
