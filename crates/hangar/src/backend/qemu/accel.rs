@@ -51,24 +51,15 @@ pub struct ProbeInputs {
 }
 
 /// Picks KVM or TCG. `forced` (from `HANGAR_ACCEL` or a flag) skips the
-/// probe.
+/// probe. A fresh verdict (`cached == false`) is worth telling the user
+/// once; later calls read it from the cache. A forced choice counts as
+/// known (`cached == true`): the user already knows.
 pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> AccelChoice {
     if let Some(accel) = forced {
         return AccelChoice {
             accel,
             reason: "chosen explicitly (HANGAR_ACCEL or --accel)".into(),
-            cached: false,
-        };
-    }
-    if let Err(err) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        return AccelChoice {
-            accel: Accel::Tcg,
-            reason: format!("/dev/kvm is not usable ({err}); using TCG software emulation"),
-            cached: false,
+            cached: true,
         };
     }
     let key = cache_key(inputs);
@@ -79,7 +70,20 @@ pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> 
     if let Some(choice) = read_cache(&cache_file, &key) {
         return choice;
     }
-    let choice = probe_kvm(inputs);
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    let choice = match kvm {
+        Ok(_) => probe_kvm(inputs),
+        Err(err) => AccelChoice {
+            accel: Accel::Tcg,
+            reason: format!(
+                "/dev/kvm is not usable ({err}); using TCG software emulation (slower)"
+            ),
+            cached: false,
+        },
+    };
     let entry = CacheEntry {
         key,
         choice: choice.clone(),
@@ -157,7 +161,7 @@ pub fn boot_to_marker(
     timeout: Duration,
 ) -> Result<Duration, String> {
     let mut command = Command::new(&inputs.qemu);
-    command.args(["-machine", &format!("q35,accel={accel}"), "-m", "128M"]);
+    command.args(["-machine", &format!("q35,accel={accel}"), "-m", "256M"]);
     if accel == Accel::Kvm {
         command.args(["-cpu", "host"]);
     }
