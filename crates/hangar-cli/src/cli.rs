@@ -49,6 +49,16 @@ pub enum Command {
     Stop(StopArgs),
     /// Remove VMs.
     Rm(RmArgs),
+    /// Send a signal to a VM's VMM process (default SIGKILL).
+    Kill(KillArgs),
+    /// Stop a VM if it runs, then start it.
+    Restart(StopArgs),
+    /// Stop a VM's vCPUs (memory stays).
+    Pause(VmArg),
+    /// Continue a paused VM.
+    Resume(VmArg),
+    /// Wait until a VM reaches a state.
+    Wait(WaitArgs),
     /// List VMs.
     #[command(alias = "ls")]
     Ps(PsArgs),
@@ -121,9 +131,13 @@ pub struct CommandArgs {
 pub struct CreateArgs {
     #[command(flatten)]
     pub resources: ResourceArgs,
-    /// Name of the VM.
-    #[arg(long)]
-    pub name: String,
+    /// Name of the VM (overrides the spec file's).
+    #[arg(long, required_unless_present = "file")]
+    pub name: Option<String>,
+    /// Spec file (.toml, .json, .yaml): the whole VM spec; resource flags
+    /// are not mixed in.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
     /// Backend: qemu or noop.
     #[arg(long, default_value = "qemu")]
     pub backend: String,
@@ -163,6 +177,36 @@ pub struct PsArgs {
     /// Show all VMs, not only those with a running VMM.
     #[arg(long, short = 'a')]
     pub all: bool,
+    /// Only VMs of this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Only VMs in this state (repeatable; implies -a).
+    #[arg(long, value_name = "STATE")]
+    pub state: Vec<String>,
+    /// Only VMs with this label, KEY or KEY=VALUE (repeatable).
+    #[arg(long, short = 'l', value_name = "KEY[=VALUE]")]
+    pub label: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Signal name or number (KILL, SIGTERM, 15...).
+    #[arg(long, short = 's', default_value = "KILL")]
+    pub signal: String,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// State to wait for.
+    #[arg(long, default_value = "stopped")]
+    pub state: String,
+    /// Give up after this many seconds.
+    #[arg(long, short = 't', default_value_t = 60)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +216,9 @@ pub struct LogsArgs {
     /// Only the last N lines.
     #[arg(long)]
     pub tail: Option<usize>,
+    /// Keep printing new output until the VM stops (Ctrl-C ends it).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Debug, Args)]

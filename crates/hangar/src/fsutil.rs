@@ -14,6 +14,33 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Hands `sink` the bytes of `path` from `offset` to its current end and
+/// returns the new offset. A missing file has no bytes; a file that shrank
+/// (rotated) is read from its start.
+pub fn copy_new_bytes(
+    path: &Path,
+    offset: u64,
+    sink: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<u64> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(offset),
+        Err(err) => return Err(err),
+    };
+    let len = file.metadata()?.len();
+    let mut offset = if len < offset { 0 } else { offset };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(offset);
+        }
+        sink(&buf[..n]);
+        offset += n as u64;
+    }
+}
+
 /// The last `lines` lines of a text file (at most the last 64 KiB are read),
 /// with carriage returns and terminal escape sequences removed.
 pub fn tail_lines(path: &Path, lines: usize) -> Vec<String> {

@@ -15,6 +15,7 @@ pub mod manager;
 pub mod record;
 pub mod size;
 pub mod spec;
+pub mod spec_file;
 pub mod store;
 
 pub use hangar_proto::{ExecRequest, ExitStatus};

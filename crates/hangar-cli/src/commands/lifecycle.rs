@@ -14,7 +14,18 @@ pub fn create(global: &Global, args: CreateArgs) -> anyhow::Result<u8> {
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--backend")?;
-    let spec = spec_from(args.name, &args.resources)?;
+    let spec = match (&args.file, args.name) {
+        (Some(file), name) => {
+            let mut spec = hangar::spec_file::read_spec_file(file)?;
+            if let Some(name) = name {
+                spec.name = name;
+                spec.validate()?;
+            }
+            spec
+        }
+        (None, Some(name)) => spec_from(name, &args.resources)?,
+        (None, None) => anyhow::bail!("give --name or a spec file with -f"),
+    };
     let record = open(global)?.create(spec, backend)?;
     if global.json {
         print_json(&record)?;

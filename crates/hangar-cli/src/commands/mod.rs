@@ -2,6 +2,7 @@
 //! once and prints.
 
 mod bench;
+mod control;
 mod lifecycle;
 mod run;
 mod show;
@@ -20,6 +21,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Start(args) => lifecycle::start(global, args),
         Command::Stop(args) => lifecycle::stop(global, args),
         Command::Rm(args) => lifecycle::rm(global, args),
+        Command::Kill(args) => control::kill(global, args),
+        Command::Restart(args) => control::restart(global, args),
+        Command::Pause(args) => control::pause(global, args),
+        Command::Resume(args) => control::resume(global, args),
+        Command::Wait(args) => control::wait(global, args),
         Command::Ps(args) => show::ps(global, args),
         Command::Inspect(args) => show::inspect(global, args),
         Command::Logs(args) => show::logs(global, args),
@@ -71,6 +77,25 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     }
     spec.validate()?;
     Ok(spec)
+}
+
+/// Prints a VM as JSON, or its name.
+pub fn print_vm(global: &Global, record: &hangar::VmRecord) -> anyhow::Result<()> {
+    if global.json {
+        crate::output::print_json(record)
+    } else {
+        println!("{}", record.name);
+        Ok(())
+    }
+}
+
+/// A state name as `ps` prints it.
+pub fn parse_state(text: &str) -> anyhow::Result<hangar::VmState> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| {
+        anyhow::anyhow!(
+            "unknown state {text:?}: use created, starting, running, paused, stopping, stopped or failed"
+        )
+    })
 }
 
 /// `KEY=VALUE` pairs for `--env`.

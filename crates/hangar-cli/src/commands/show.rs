@@ -7,11 +7,22 @@ use crate::cli::{Global, LogsArgs, PsArgs, VmArg};
 use crate::output::{print_json, print_table};
 
 pub fn ps(global: &Global, args: PsArgs) -> anyhow::Result<u8> {
-    let records: Vec<_> = open(global)?
-        .list()?
-        .into_iter()
-        .filter(|r| args.all || r.state.has_process())
-        .collect();
+    let mut filter = hangar::manager::ListFilter {
+        all: args.all,
+        namespace: args.namespace,
+        ..Default::default()
+    };
+    for state in &args.state {
+        filter.states.push(super::parse_state(state)?);
+    }
+    for label in &args.label {
+        let (key, value) = match label.split_once('=') {
+            Some((key, value)) => (key.to_owned(), Some(value.to_owned())),
+            None => (label.clone(), None),
+        };
+        filter.labels.insert(key, value);
+    }
+    let records = open(global)?.list_filtered(&filter)?;
     if global.json {
         print_json(&records)?;
     } else {
@@ -27,21 +38,24 @@ pub fn inspect(global: &Global, args: VmArg) -> anyhow::Result<u8> {
 }
 
 pub fn logs(global: &Global, args: LogsArgs) -> anyhow::Result<u8> {
-    let path = open(global)?.console_log(args.vm.namespace.as_deref(), &args.vm.vm)?;
     let mut out = std::io::stdout().lock();
-    match args.tail {
-        Some(n) => {
-            for line in hangar::fsutil::tail_lines(&path, n) {
-                writeln!(out, "{line}")?;
+    let mut write_error = None;
+    open(global)?.console_log_stream(
+        args.vm.namespace.as_deref(),
+        &args.vm.vm,
+        args.tail,
+        args.follow,
+        &mut |chunk| {
+            if write_error.is_none() {
+                write_error = out.write_all(chunk).and_then(|()| out.flush()).err();
             }
-        }
-        None => match std::fs::read(&path) {
-            Ok(bytes) => out.write_all(&bytes)?,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(anyhow::Error::new(err).context(path.display().to_string())),
         },
+    )?;
+    match write_error {
+        // A closed pipe (`hangar logs | head`) is not an error.
+        Some(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(0),
     }
-    Ok(0)
 }
 
 pub fn info(global: &Global) -> anyhow::Result<u8> {

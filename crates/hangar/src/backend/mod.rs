@@ -7,6 +7,7 @@ pub mod process;
 #[cfg(feature = "qemu")]
 pub mod qemu;
 
+pub use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
 //! A backend that runs nothing: VMs move through their states without a
 //! process. For tests of the store and lifecycle, and dry runs.
 
-use super::{Backend, BackendError, LaunchPlan, Launched, StopOutcome, StopRequest, VmmStatus};
+use super::{
+    Backend, BackendError, LaunchPlan, Launched, Pausable, StopOutcome, StopRequest, VmmStatus,
+};
 use crate::record::{BackendKind, VmRecord, VmState};
 use crate::spec::VmSpec;
 
@@ -38,6 +40,21 @@ impl Backend for NoopBackend {
     }
 
     fn kill(&self, _vm: &VmRecord, _signal: nix::sys::signal::Signal) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn as_pausable(&self) -> Option<&dyn Pausable> {
+        Some(self)
+    }
+}
+
+/// Pausing a VM without a process only changes its recorded state.
+impl Pausable for NoopBackend {
+    fn pause(&self, _vm: &VmRecord) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn resume(&self, _vm: &VmRecord) -> Result<(), BackendError> {
         Ok(())
     }
 }

@@ -52,6 +52,13 @@ pub enum ManagerError {
         source: GuestError,
         console: Vec<String>,
     },
+    #[error("VM {name} did not reach {target} within {waited:?}; it is {state}")]
+    WaitTimeout {
+        name: String,
+        target: VmState,
+        state: VmState,
+        waited: Duration,
+    },
     #[error("unknown image {reference:?}: this version boots only the embedded image \"default\" (OCI and disk images are not supported yet)")]
     UnknownImage { reference: String },
     #[error("{0}")]

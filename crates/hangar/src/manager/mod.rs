@@ -1,7 +1,9 @@
 //! [`Manager`]: the library's front door. The CLI and the daemon parse,
 //! call one method, and print.
 
+mod control;
 mod error;
+mod filter;
 mod lifecycle;
 mod reconcile;
 mod run;
@@ -19,6 +21,7 @@ use crate::spec::{ImageSource, VmSpec};
 use crate::store::Store;
 
 pub use error::ManagerError;
+pub use filter::ListFilter;
 pub use run::RunOutcome;
 
 /// How many console lines are kept with a VM that ended on its own, and
@@ -119,6 +122,15 @@ impl Manager {
     pub fn list(&mut self) -> Result<Vec<VmRecord>, ManagerError> {
         let records = self.store.list()?;
         records.into_iter().map(|r| self.reconcile(r)).collect()
+    }
+
+    /// The VMs `filter` selects, each reconciled.
+    pub fn list_filtered(&mut self, filter: &ListFilter) -> Result<Vec<VmRecord>, ManagerError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|r| filter.matches(r))
+            .collect())
     }
 
     /// Path of the VM's serial console log.

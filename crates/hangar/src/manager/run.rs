@@ -36,7 +36,11 @@ impl Manager {
                 name: record.name,
                 state: record.state,
                 action: "run a command in it",
-                hint: "; start it first (`hangar start`)",
+                hint: if record.state == VmState::Paused {
+                    "; resume it first (`hangar resume`)"
+                } else {
+                    "; start it first (`hangar start`)"
+                },
             });
         }
         let socket = record.sockets.agent.clone().unwrap_or_default();
