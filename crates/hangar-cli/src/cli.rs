@@ -68,6 +68,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running VM.
     Exec(ExecArgs),
+    /// Clean up after crashes: orphan VMM processes and work dirs, VMs of
+    /// `run`s that died, interrupted starts and stops.
+    Gc,
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
     /// Measure boot performance against raw QEMU.

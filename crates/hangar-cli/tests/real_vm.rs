@@ -135,3 +135,32 @@ fn qemu_killed_behind_hangars_back_shows_failed_with_reason() {
     assert!(reason.contains("exited unexpectedly"), "{reason}");
     assert!(vm["pid"].is_null());
 }
+
+#[test]
+fn state_dir_is_private_after_a_boot() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let state = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("private"));
+    ok(&hangar(&state, &["create", "--name", "p"]));
+    let _guard = VmGuard {
+        state: &state,
+        name: "p".into(),
+    };
+    ok(&hangar(&state, &["start", "p"]));
+    let mut stack = vec![state.clone()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                assert_eq!(mode, 0o700, "{}", entry.path().display());
+                stack.push(entry.path());
+            } else if kind.is_file() || kind.is_socket() {
+                assert_eq!(mode, 0o600, "{}", entry.path().display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 10, "checked only {checked} entries");
+}

@@ -3,6 +3,22 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+/// Creates (or truncates) `path` with mode 0600: state files are private.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `std::fs::write` with mode 0600.
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    create_private(path)?.write_all(data)
+}
+
 /// Writes `data` to a temp file beside `path`, syncs it and renames it over
 /// `path`, so readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

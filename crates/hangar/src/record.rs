@@ -141,6 +141,14 @@ pub struct Sockets {
     pub console_log: Option<PathBuf>,
 }
 
+/// A host process, named so that a reused pid is never mistaken for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: u32,
+    /// Clock ticks since host boot (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
 /// A persisted VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
@@ -183,6 +191,15 @@ pub struct VmRecord {
     pub last_console_lines: Vec<String>,
     #[serde(default)]
     pub snapshot_ids: Vec<String>,
+    /// The `hangar` process carrying out a start or stop. If it dies with
+    /// the VM still `starting`/`stopping`, the operation was interrupted and
+    /// reconciliation finishes it.
+    #[serde(default)]
+    pub owner: Option<ProcessRef>,
+    /// Set by `run` (without `--keep`): the VM exists only for that process,
+    /// and `gc` removes it once the process is gone.
+    #[serde(default)]
+    pub ephemeral_for: Option<ProcessRef>,
 }
 
 fn schema_one() -> u32 {
@@ -214,6 +231,8 @@ impl VmRecord {
             exit_reason: None,
             last_console_lines: Vec::new(),
             snapshot_ids: Vec::new(),
+            owner: None,
+            ephemeral_for: None,
         }
     }
 
@@ -226,6 +245,7 @@ impl VmRecord {
         self.stopped_at = Some(Utc::now());
         self.exit_reason = Some(reason);
         self.last_console_lines = console;
+        self.owner = None;
     }
 }
 

@@ -30,6 +30,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Inspect(args) => show::inspect(global, args),
         Command::Logs(args) => show::logs(global, args),
         Command::Info => show::info(global),
+        Command::Gc => show::gc(global),
         Command::Bench(args) => bench::bench(global, args),
     }
 }

@@ -83,3 +83,34 @@ pub fn info(global: &Global) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+pub fn gc(global: &Global) -> anyhow::Result<u8> {
+    let report = open(global)?.gc()?;
+    if global.json {
+        print_json(&report)?;
+        return Ok(0);
+    }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let pids: Vec<String> = report
+        .killed_orphan_processes
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    println!(
+        "removed VMs of dead runs: {}",
+        list(&report.removed_ephemeral)
+    );
+    println!("killed orphan VMM processes: {}", list(&pids));
+    println!(
+        "removed orphan work dirs: {}",
+        list(&report.removed_orphan_dirs)
+    );
+    println!("removed stale image builds: {}", list(&report.removed_tmp));
+    Ok(0)
+}

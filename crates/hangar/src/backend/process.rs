@@ -1,7 +1,10 @@
 //! Host processes by pid *and* start time: a pid alone may have been reused
 //! by an unrelated process since we recorded it.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use crate::record::ProcessRef;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -29,6 +32,41 @@ pub fn is_alive(pid: u32, started: Option<u64>) -> bool {
         (Some(_), None) => true,
         (None, _) => false,
     }
+}
+
+/// This process, for recording who carries out an operation.
+pub fn current() -> Option<ProcessRef> {
+    let pid = std::process::id();
+    Some(ProcessRef {
+        pid,
+        start_time: start_time(pid)?,
+    })
+}
+
+/// True while the process `process` names still runs.
+pub fn is_running(process: &ProcessRef) -> bool {
+    is_alive(process.pid, Some(process.start_time))
+}
+
+/// Live processes whose command line mentions `needle` (a work dir path),
+/// with their command lines. How orphan VMMs are found: every VMM Hangar
+/// starts has its work dir in its arguments.
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            (cmdline.contains(&needle) && start_time(pid).is_some()).then_some((pid, cmdline))
+        })
+        .collect()
 }
 
 /// Sends `signal` to `pid` if it is still our process.

@@ -16,6 +16,7 @@
 //! when one of them changes.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 use super::cpio::CpioWriter;
 use super::kernel::{extract_vmlinux, KernelError};
 use super::modules::{ModuleIndex, ModulesError};
+use crate::fsutil::{create_private, write_private};
 
 /// Modules the agent loads at boot, in this order (dependencies resolved).
 /// virtio_console carries the agent channel; virtio_rng seeds the guest's
@@ -113,7 +115,7 @@ pub fn ensure_default_image(
         }
     }
     let tmp_root = images_dir.join("tmp");
-    fs_err::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
+    private_dir(&tmp_root)?;
     let tmp = tempfile::Builder::new()
         .prefix("default-")
         .tempdir_in(&tmp_root)
@@ -127,13 +129,14 @@ pub fn ensure_default_image(
     };
     let json = serde_json::to_vec_pretty(&image).unwrap_or_default();
     let tmp_manifest = tmp.path().join("image.json");
-    fs_err::write(&tmp_manifest, json).map_err(io_err(&tmp_manifest))?;
+    write_private(&tmp_manifest, &json).map_err(io_err(&tmp_manifest))?;
     fs_err::remove_dir_all(tmp.path().join("pkg")).map_err(io_err(tmp.path()))?;
-    let parent = images_dir.join("default");
-    fs_err::create_dir_all(&parent).map_err(io_err(&parent))?;
+    private_dir(&images_dir.join("default"))?;
     // Another process may have finished the same image first: theirs wins,
     // ours is dropped with the temp dir.
     let built = tmp.keep();
+    std::fs::set_permissions(&built, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(&built))?;
     if std::fs::rename(&built, &final_dir).is_err() {
         let _ = std::fs::remove_dir_all(&built);
         if !manifest.exists() {
@@ -214,7 +217,7 @@ fn download_kernel_deb(dir: &Path) -> Result<PathBuf, String> {
             "unexpected package name {package:?} from apt-cache"
         ));
     }
-    fs_err::create_dir_all(dir).map_err(|err| err.to_string())?;
+    crate::layout::create_private_dir(dir).map_err(|err| err.to_string())?;
     let output = Command::new("apt-get")
         .args(["download", "-q", &package])
         .current_dir(dir)
@@ -223,7 +226,18 @@ fn download_kernel_deb(dir: &Path) -> Result<PathBuf, String> {
     if !output.status.success() {
         return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
     }
-    newest_kernel_deb(dir).ok_or_else(|| format!("apt-get download {package} wrote no .deb"))
+    let deb = newest_kernel_deb(dir)
+        .ok_or_else(|| format!("apt-get download {package} wrote no .deb"))?;
+    std::fs::set_permissions(&deb, std::fs::Permissions::from_mode(0o600))
+        .map_err(|err| format!("{}: {err}", deb.display()))?;
+    Ok(deb)
+}
+
+fn private_dir(dir: &Path) -> Result<(), DefaultImageError> {
+    crate::layout::create_private_dir(dir).map_err(|err| DefaultImageError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(err.to_string()),
+    })
 }
 
 /// A static ELF has no PT_INTERP program header.
@@ -315,7 +329,7 @@ fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
         source,
     })?;
     let kernel_path = dir.join("vmlinux");
-    fs_err::write(&kernel_path, vmlinux).map_err(io_err(&kernel_path))?;
+    write_private(&kernel_path, &vmlinux).map_err(io_err(&kernel_path))?;
     let modules_dir = pkg.join("lib/modules").join(&release);
     let modules = ModuleIndex::load(&modules_dir)?.load_order(GUEST_MODULES)?;
     write_initramfs(
@@ -333,7 +347,7 @@ fn write_initramfs(
     release: &str,
     modules: &[PathBuf],
 ) -> Result<(), DefaultImageError> {
-    let file = fs_err::File::create(dest).map_err(io_err(dest))?;
+    let file = create_private(dest).map_err(io_err(dest))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
     let io = io_err(dest);
     (|| -> std::io::Result<()> {

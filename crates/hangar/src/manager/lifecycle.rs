@@ -63,9 +63,12 @@ impl Manager {
             transition(&mut probe, VmState::Starting, "start it")?;
         }
         let plan = self.plan(&record)?;
+        // A create interrupted between record and dir leaves no dir.
+        crate::layout::create_private_dir(&record.work_dir)?;
         let id = record.id.clone();
         let record = self.store.update(&id, |r| {
             transition(r, VmState::Starting, "start it")?;
+            r.owner = process::current();
             r.exit_reason = None;
             r.last_console_lines.clear();
             r.accel = Some(plan.accel);
@@ -126,6 +129,7 @@ impl Manager {
     fn mark_running(&mut self, id: &str) -> Result<VmRecord, ManagerError> {
         self.store.update(id, |r| {
             transition(r, VmState::Running, "mark it running")?;
+            r.owner = None;
             r.first_booted = true;
             Ok::<_, ManagerError>(())
         })
@@ -270,6 +274,13 @@ impl Manager {
             accel,
         })
     }
+}
+
+/// Moves a record to `stopping`, naming this process as the one doing it.
+pub(super) fn begin_stop(record: &mut VmRecord) -> Result<(), ManagerError> {
+    transition(record, VmState::Stopping, "stop it")?;
+    record.owner = process::current();
+    Ok(())
 }
 
 /// The check run between agent reads: stop waiting if the VMM died or the

@@ -4,6 +4,7 @@
 mod control;
 mod error;
 mod filter;
+mod gc;
 mod lifecycle;
 mod reconcile;
 mod run;
@@ -16,12 +17,13 @@ use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::image::{ensure_default_image, DefaultImage};
 use crate::layout::{create_private_dir, Layout};
-use crate::record::{Accel, BackendKind, VmRecord};
+use crate::record::{Accel, BackendKind, ProcessRef, VmRecord};
 use crate::spec::{ImageSource, VmSpec};
 use crate::store::Store;
 
 pub use error::ManagerError;
 pub use filter::ListFilter;
+pub use gc::GcReport;
 pub use run::RunOutcome;
 
 /// How many console lines are kept with a VM that ended on its own, and
@@ -83,26 +85,30 @@ impl Manager {
     /// Records a new VM (state `created`) after checking the spec and the
     /// host. On any error nothing is left behind.
     pub fn create(&mut self, spec: VmSpec, backend: BackendKind) -> Result<VmRecord, ManagerError> {
+        self.create_record(spec, backend, None)
+    }
+
+    /// The record goes in first, then the work dir: a crash in between
+    /// leaves a record whose dir `start` recreates, never a dir that `gc`
+    /// could mistake for an orphan while a create is under way.
+    fn create_record(
+        &mut self,
+        spec: VmSpec,
+        backend: BackendKind,
+        ephemeral_for: Option<ProcessRef>,
+    ) -> Result<VmRecord, ManagerError> {
         spec.validate()?;
         let name = spec.name.clone();
         self.backend(backend)?
             .check(&spec)
             .map_err(|source| ManagerError::Backend { name, source })?;
         let id = new_id()?;
-        self.insert_record(id, spec, backend)
-    }
-
-    fn insert_record(
-        &mut self,
-        id: String,
-        spec: VmSpec,
-        backend: BackendKind,
-    ) -> Result<VmRecord, ManagerError> {
         let work_dir = self.layout.vm_dir(&id);
-        create_private_dir(&work_dir)?;
-        let record = VmRecord::new(id, spec, backend, work_dir.clone());
-        if let Err(err) = self.store.insert(&record) {
-            let _ = std::fs::remove_dir_all(&work_dir);
+        let mut record = VmRecord::new(id, spec, backend, work_dir.clone());
+        record.ephemeral_for = ephemeral_for;
+        self.store.insert(&record)?;
+        if let Err(err) = create_private_dir(&work_dir) {
+            let _ = self.store.delete(&record.id);
             return Err(err.into());
         }
         Ok(record)

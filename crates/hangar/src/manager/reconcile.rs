@@ -3,7 +3,7 @@
 //! `ps` or `inspect`, without a daemon.
 
 use super::{Manager, ManagerError};
-use crate::backend::VmmStatus;
+use crate::backend::{process, VmmStatus};
 use crate::record::{VmRecord, VmState};
 
 /// What the kernel prints when the guest powers itself off.
@@ -13,6 +13,15 @@ impl Manager {
     pub(super) fn reconcile(&mut self, record: VmRecord) -> Result<VmRecord, ManagerError> {
         if !record.state.has_process() {
             return Ok(record);
+        }
+        if matches!(record.state, VmState::Starting | VmState::Stopping) {
+            match record.owner {
+                // Another hangar process is starting or stopping it: its
+                // business, not ours.
+                Some(owner) if process::is_running(&owner) => return Ok(record),
+                Some(owner) => return self.finish_interrupted(&record, owner.pid),
+                None => {}
+            }
         }
         let backend = self.backend(record.backend)?;
         let status = backend.status(&record);
@@ -33,6 +42,38 @@ impl Manager {
             }
             _ => Ok(record),
         }
+    }
+
+    /// The hangar process that was starting or stopping this VM died (say,
+    /// SIGKILL): kill whatever VMM it left and record the outcome.
+    fn finish_interrupted(
+        &mut self,
+        record: &VmRecord,
+        owner_pid: u32,
+    ) -> Result<VmRecord, ManagerError> {
+        self.kill_now(record)?;
+        kill_processes_in(&record.work_dir);
+        let console = self.console_tail(record);
+        let (state, reason) = if record.state == VmState::Stopping {
+            (
+                VmState::Stopped,
+                format!("stop interrupted (hangar process {owner_pid} died); VMM killed"),
+            )
+        } else {
+            (
+                VmState::Failed,
+                format!("start interrupted (hangar process {owner_pid} died before the guest was ready)"),
+            )
+        };
+        let observed = (record.state, record.owner);
+        self.store.update(&record.id, |r| {
+            if (r.state, r.owner) != observed {
+                return Ok(());
+            }
+            super::lifecycle::transition(r, state, "record its end")?;
+            r.mark_ended(state, reason, console);
+            Ok::<_, ManagerError>(())
+        })
     }
 
     fn record_death(&mut self, record: &VmRecord) -> Result<VmRecord, ManagerError> {
@@ -66,4 +107,19 @@ impl Manager {
             Ok::<_, ManagerError>(())
         })
     }
+}
+
+/// SIGKILLs every process whose command line names `work_dir`: a VMM whose
+/// pid never reached the record. Waits for each to go.
+pub(super) fn kill_processes_in(work_dir: &std::path::Path) -> Vec<u32> {
+    let needle = work_dir.join("");
+    let mut killed = Vec::new();
+    for (pid, _) in process::processes_mentioning(&needle) {
+        let start = process::start_time(pid);
+        if process::signal(pid, start, nix::sys::signal::Signal::SIGKILL) {
+            process::wait_gone(pid, start, crate::backend::qemu::KILL_TIMEOUT);
+            killed.push(pid);
+        }
+    }
+    killed
 }

@@ -6,6 +6,7 @@ use hangar_proto::{ExecRequest, ExitStatus};
 
 use super::lifecycle::{vmm_alive_check, DEFAULT_STOP_TIMEOUT};
 use super::{Manager, ManagerError};
+use crate::backend::process;
 use crate::guest::{AgentClient, OutputSink};
 use crate::record::{BackendKind, VmRecord, VmState};
 use crate::spec::VmSpec;
@@ -64,7 +65,10 @@ impl Manager {
         sink: &mut dyn OutputSink,
         keep: bool,
     ) -> Result<RunOutcome, ManagerError> {
-        let record = self.create(spec, BackendKind::Qemu)?;
+        // Without `keep` the VM belongs to this process: if it dies (even
+        // by SIGKILL), `gc` removes the VM.
+        let ephemeral_for = if keep { None } else { process::current() };
+        let record = self.create_record(spec, BackendKind::Qemu, ephemeral_for)?;
         let result = self.start_and_exec(&record, request, sink);
         match result {
             Ok((status, _client)) if keep => Ok(RunOutcome {
@@ -77,9 +81,9 @@ impl Manager {
                     Some(mut client) => client.shutdown().is_ok(),
                     None => false,
                 };
-                let stopping = self.store.update(&current.id, |r| {
-                    super::lifecycle::transition(r, VmState::Stopping, "stop it")
-                })?;
+                let stopping = self
+                    .store
+                    .update(&current.id, super::lifecycle::begin_stop)?;
                 self.finish_stop(&stopping, guest_asked, DEFAULT_STOP_TIMEOUT)?;
                 self.remove(None, &current.id, true)?;
                 Ok(RunOutcome { status, kept: None })

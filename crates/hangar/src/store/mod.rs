@@ -123,19 +123,15 @@ impl Store {
     }
 
     /// Finds a VM by exact id, name (in `namespace`, or any namespace when
-    /// the name is unique), or unique id prefix.
+    /// the name is unique), or unique id prefix (3 characters or more).
     pub fn find(&self, namespace: Option<&str>, key: &str) -> Result<VmRecord, StoreError> {
         if let Some(record) = self.get(key)? {
             return Ok(record);
         }
-        let mut by_name: Vec<VmRecord> = self
-            .list()?
-            .into_iter()
-            .filter(|r| r.name == key && namespace.is_none_or(|ns| r.namespace == ns))
-            .collect();
-        if by_name.len() == 1 {
-            return Ok(by_name.remove(0));
-        }
+        let mut by_name = self.query(
+            "SELECT id, document FROM vms WHERE name = ?1 AND (?2 IS NULL OR namespace = ?2)",
+            params![key, namespace],
+        )?;
         if by_name.len() > 1 {
             return Err(StoreError::Ambiguous {
                 key: key.to_owned(),
@@ -146,11 +142,14 @@ impl Store {
                     .join(", "),
             });
         }
-        let mut by_prefix: Vec<VmRecord> = if key.len() >= 3 {
-            self.list()?
-                .into_iter()
-                .filter(|r| r.id.starts_with(key))
-                .collect()
+        if let Some(record) = by_name.pop() {
+            return Ok(record);
+        }
+        let mut by_prefix = if key.len() >= 3 {
+            self.query(
+                "SELECT id, document FROM vms WHERE substr(id, 1, length(?1)) = ?1",
+                params![key],
+            )?
         } else {
             Vec::new()
         };
@@ -170,12 +169,10 @@ impl Store {
         }
     }
 
-    /// All records, oldest first.
-    pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, document FROM vms ORDER BY rowid")?;
-        let rows = stmt.query_map([], |row| {
+    /// Records from a `SELECT id, document ...` query.
+    fn query(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params, |row| {
             Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
         })?;
         let mut records = Vec::new();
@@ -184,6 +181,11 @@ impl Store {
             records.push(from_json(&id, &doc)?);
         }
         Ok(records)
+    }
+
+    /// All records, oldest first.
+    pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.query("SELECT id, document FROM vms ORDER BY rowid", [])
     }
 
     /// Re-reads record `id` inside a write transaction, lets `change` edit

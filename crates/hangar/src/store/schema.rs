@@ -10,7 +10,7 @@ use super::StoreError;
 /// "HGAR": marks a database as Hangar's.
 pub const APPLICATION_ID: i64 = 0x4847_4152;
 /// Schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Each entry migrates from version `index` to `index + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -22,6 +22,8 @@ const MIGRATIONS: &[&str] = &[
         document TEXT NOT NULL,
         UNIQUE (namespace, name)
     );",
+    // 1 -> 2: look VMs up by name across namespaces without a full scan.
+    "CREATE INDEX vms_by_name ON vms (name);",
 ];
 
 pub fn check_and_migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

@@ -123,3 +123,40 @@ fn concurrent_writers_lose_nothing() {
     assert_eq!(records.len(), 200);
     assert!(records.iter().all(|r| r.state == VmState::Starting));
 }
+
+#[test]
+fn a_version_one_store_migrates_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.db");
+    let old = record("aaaaaaaaaaaa", "web");
+    {
+        // The store exactly as version 1 wrote it.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE vms (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL,
+                document TEXT NOT NULL, UNIQUE (namespace, name));
+             PRAGMA application_id = 1212629330; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO vms VALUES (?1, 'default', 'web', ?2)",
+            rusqlite::params![old.id, serde_json::to_string(&old).unwrap()],
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.find(None, "web").unwrap(), old);
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::SCHEMA_VERSION);
+    let index: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'vms_by_name'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1);
+}

@@ -95,10 +95,12 @@ pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> 
 }
 
 fn lock_file(path: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
         .ok()?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).ok()

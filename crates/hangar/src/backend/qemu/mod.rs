@@ -5,6 +5,7 @@ pub mod accel;
 pub mod argv;
 pub mod qmp;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,7 +91,6 @@ impl QemuBackend {
 }
 
 fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
@@ -166,6 +166,8 @@ impl Backend for QemuBackend {
         // an earlier run are never read as this run's.
         if let Some(log) = &sockets.console_log {
             let _ = std::fs::rename(log, log.with_extension("log.1"));
+            // Created here so it is 0600; QEMU appends to it.
+            crate::fsutil::create_private(log).map_err(io(log))?;
         }
         let args = QemuArgs {
             name: vm.name.clone(),
@@ -183,7 +185,7 @@ impl Backend for QemuBackend {
             pidfile: pidfile.clone(),
         };
         let log_path = vm.work_dir.join("qemu.log");
-        let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+        let log = crate::fsutil::create_private(&log_path).map_err(io(&log_path))?;
         let mut child = Command::new(&binary)
             .args(args.to_argv())
             .stdin(Stdio::null())
@@ -227,6 +229,10 @@ impl Backend for QemuBackend {
                 what: "reading QEMU's pidfile".into(),
                 detail: format!("{} holds no pid", pidfile.display()),
             })?;
+        // QEMU binds its sockets under its umask; they control the VM.
+        for socket in &paths {
+            let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+        }
         Ok(Launched {
             pid: Some(pid),
             pid_start_time: process::start_time(pid),
