@@ -161,3 +161,110 @@ pub fn process_running(pid: u32) -> bool {
         .unwrap_or("X");
     !matches!(state, "Z" | "X")
 }
+
+/// Starts `hangar` without waiting; pair with [`wait_all`].
+pub fn spawn_hangar(state: &Path, args: &[&str]) -> std::process::Child {
+    spawn_hangar_env(state, args, &[])
+}
+
+pub fn spawn_hangar_env(state: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    Command::new(hangar_bin())
+        .envs(env.iter().copied())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("HANGAR_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hangar")
+}
+
+/// Waits for every child (killing any still running after `timeout`) and
+/// returns their outputs in order.
+pub fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<Output> {
+    let deadline = Instant::now() + timeout;
+    let handles: Vec<_> = children
+        .into_iter()
+        .map(|mut child| {
+            std::thread::spawn(move || loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return child.wait_with_output().expect("collect output");
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let output = child.wait_with_output().expect("collect output");
+                    panic!(
+                        "hangar still running after {timeout:?}; stderr: {}",
+                        text(&output.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        .collect()
+}
+
+/// `ps -a --json` as a list.
+pub fn all_vms(state: &Path) -> Vec<serde_json::Value> {
+    let out = ok(&hangar(state, &["ps", "-a", "--json"]));
+    match serde_json::from_str(&out).expect("ps prints JSON") {
+        serde_json::Value::Array(vms) => vms,
+        other => panic!("ps printed {other}"),
+    }
+}
+
+/// Ids of the work dirs under `state/vms`.
+pub fn work_dirs(state: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(state.join("vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of live processes whose command line names `state/vms/`: VMMs.
+pub fn vmm_pids(state: &Path) -> Vec<u32> {
+    let needle = format!("{}/vms/", state.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+                && process_running(*pid)
+        })
+        .collect()
+}
+
+/// A small deterministic pseudo-random sequence, so a failing iteration can
+/// be replayed with the same seed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound
+    }
+}
+
+/// A count from the environment (stress sizes), else `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -1,5 +1,9 @@
 //! A backend that runs nothing: VMs move through their states without a
 //! process. For tests of the store and lifecycle, and dry runs.
+//!
+//! `HANGAR_NOOP_DELAY_MS` makes launch and stop take that long, so crash
+//! tests can kill `hangar` in the middle of an operation (real backends are
+//! slow enough by themselves).
 
 use super::{
     Backend, BackendError, LaunchPlan, Launched, Pausable, StopOutcome, StopRequest, VmmStatus,
@@ -8,7 +12,22 @@ use crate::record::{BackendKind, VmRecord, VmState};
 use crate::spec::VmSpec;
 
 #[derive(Debug, Default)]
-pub struct NoopBackend;
+pub struct NoopBackend {
+    delay: std::time::Duration,
+}
+
+impl NoopBackend {
+    /// Reads the optional delay from `HANGAR_NOOP_DELAY_MS`.
+    pub fn from_env() -> Self {
+        let millis = std::env::var("HANGAR_NOOP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Self {
+            delay: std::time::Duration::from_millis(millis),
+        }
+    }
+}
 
 impl Backend for NoopBackend {
     fn kind(&self) -> BackendKind {
@@ -20,6 +39,7 @@ impl Backend for NoopBackend {
     }
 
     fn launch(&self, _vm: &VmRecord, _plan: &LaunchPlan) -> Result<Launched, BackendError> {
+        std::thread::sleep(self.delay);
         Ok(Launched {
             pid: None,
             pid_start_time: None,
@@ -36,6 +56,7 @@ impl Backend for NoopBackend {
     }
 
     fn stop(&self, _vm: &VmRecord, _request: StopRequest) -> Result<StopOutcome, BackendError> {
+        std::thread::sleep(self.delay);
         Ok(StopOutcome::GuestPowerOff)
     }
 

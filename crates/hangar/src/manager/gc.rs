@@ -45,10 +45,19 @@ impl Manager {
         let records = self.store.list()?;
         let known: BTreeSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let live_pids: BTreeSet<u32> = records.iter().filter_map(|r| r.pid).collect();
+        // A start under way in another live process may not have recorded
+        // its VMM's pid yet: that VMM is not an orphan.
+        let busy: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| r.owner.is_some_and(|o| process::is_running(&o)))
+            .map(|r| r.id.as_str())
+            .collect();
         let vms_dir = self.layout.vms_dir().join("");
         for (pid, cmdline) in process::processes_mentioning(&vms_dir) {
             let id = vm_id_in(&cmdline, &vms_dir.to_string_lossy());
-            let owned = id.is_some_and(|id| known.contains(id)) && live_pids.contains(&pid);
+            let owned = id.is_some_and(|id| {
+                known.contains(id) && (live_pids.contains(&pid) || busy.contains(id))
+            });
             if !owned {
                 let start = process::start_time(pid);
                 if process::signal(pid, start, nix::sys::signal::Signal::SIGKILL) {

@@ -165,9 +165,7 @@ impl Manager {
     ) -> Result<VmRecord, ManagerError> {
         let record = self.inspect(namespace, key)?;
         let id = record.id.clone();
-        let record = self
-            .store
-            .update(&id, |r| transition(r, VmState::Stopping, "stop it"))?;
+        let record = self.store.update(&id, begin_stop)?;
         let mut guest_asked = false;
         if let Some(socket) = &record.sockets.agent {
             let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);

@@ -62,7 +62,7 @@ impl Manager {
             layout,
             store,
             qemu: QemuBackend::default(),
-            noop: NoopBackend,
+            noop: NoopBackend::from_env(),
             forced_accel,
             accel: None,
         })
