@@ -73,7 +73,7 @@ pub enum Command {
     Gc,
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
-    /// Measure boot performance against raw QEMU.
+    /// Measure performance against baselines from the same run.
     Bench(BenchArgs),
 }
 
@@ -234,7 +234,26 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Boots per variant.
-    #[arg(long, default_value_t = 10)]
-    pub runs: usize,
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// `hangar run -- true` against raw QEMU booting the same image.
+    Boot {
+        /// Boots per variant.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// `ps` over many records, and the create -> rm throughput of parallel
+    /// processes (noop backend, in a temporary state dir).
+    Store {
+        /// Records for the `ps` measurement.
+        #[arg(long, default_value_t = 10_000)]
+        records: usize,
+        /// Parallel processes for the storm.
+        #[arg(long, default_value_t = 100)]
+        storm: usize,
+    },
 }

@@ -28,6 +28,15 @@ fn main() -> ExitCode {
                 eprintln!("hangar: interrupted");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
+            // `hangar ps | head` closes our stdout early: not an error.
+            let broken_pipe = err.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("hangar: error: {}", output::error_chain(&err));
             ExitCode::from(EXIT_HANGAR_ERROR)
         }

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use hangar::guest::OutputSink;
-use hangar::VmRecord;
+use hangar::record::VmSummary;
 
 /// `outer: cause: root cause`, each message once.
 pub fn error_chain(err: &anyhow::Error) -> String {
@@ -56,13 +56,18 @@ impl Spinner {
     }
 }
 
+/// Pretty JSON on stdout, written through one buffer (stdout is
+/// line-buffered: a flush per line costs more than the formatting).
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 
-/// The `ps` table.
-pub fn print_table(records: &[VmRecord]) {
+/// The `ps` table, written through one buffer.
+pub fn print_table(records: &[VmSummary]) -> anyhow::Result<()> {
     let rows: Vec<[String; 7]> = records
         .iter()
         .map(|r| {
@@ -72,7 +77,7 @@ pub fn print_table(records: &[VmRecord]) {
                 r.namespace.clone(),
                 r.state.to_string(),
                 r.backend.to_string(),
-                format!("{}/{}", r.spec.cpus, r.spec.memory),
+                format!("{}/{}", r.cpus, r.memory),
                 r.exit_reason.clone().unwrap_or_default(),
             ]
         })
@@ -92,7 +97,8 @@ pub fn print_table(records: &[VmRecord]) {
             *width = (*width).max(cell.len());
         }
     }
-    let line = |cells: &[String]| {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = |cells: &[String]| -> std::io::Result<()> {
         let mut text = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -101,10 +107,12 @@ pub fn print_table(records: &[VmRecord]) {
                 text.push_str(&format!("{cell:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", text.trim_end());
+        writeln!(out, "{}", text.trim_end())
     };
-    line(&header.map(str::to_owned));
+    line(&header.map(str::to_owned))?;
     for row in &rows {
-        line(row);
+        line(row)?;
     }
+    out.flush()?;
+    Ok(())
 }

@@ -249,6 +249,84 @@ impl VmRecord {
     }
 }
 
+/// What `ps` shows of a VM: decoded from the stored document without the
+/// parts a listing never needs (about half the cost of a full record, which
+/// matters at 10,000 VMs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmSummary {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub backend: BackendKind,
+    pub state: VmState,
+    pub cpus: u32,
+    pub memory: crate::size::ByteSize,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub exit_reason: Option<String>,
+}
+
+impl VmSummary {
+    /// Decodes only the summary's fields of a stored record document.
+    pub fn from_json(doc: &str) -> serde_json::Result<Self> {
+        use std::borrow::Cow;
+        #[derive(Deserialize)]
+        struct Spec<'a> {
+            cpus: u32,
+            memory: crate::size::ByteSize,
+            #[serde(borrow, default)]
+            labels: std::collections::BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+        }
+        #[derive(Deserialize)]
+        struct Wire<'a> {
+            #[serde(borrow)]
+            id: Cow<'a, str>,
+            #[serde(borrow)]
+            name: Cow<'a, str>,
+            #[serde(borrow)]
+            namespace: Cow<'a, str>,
+            backend: BackendKind,
+            state: VmState,
+            #[serde(borrow)]
+            spec: Spec<'a>,
+            #[serde(borrow, default)]
+            exit_reason: Option<Cow<'a, str>>,
+        }
+        let wire: Wire<'_> = serde_json::from_str(doc)?;
+        Ok(Self {
+            id: wire.id.into_owned(),
+            name: wire.name.into_owned(),
+            namespace: wire.namespace.into_owned(),
+            backend: wire.backend,
+            state: wire.state,
+            cpus: wire.spec.cpus,
+            memory: wire.spec.memory,
+            labels: wire
+                .spec
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+            exit_reason: wire.exit_reason.map(Cow::into_owned),
+        })
+    }
+}
+
+impl From<&VmRecord> for VmSummary {
+    fn from(record: &VmRecord) -> Self {
+        Self {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            namespace: record.namespace.clone(),
+            backend: record.backend,
+            state: record.state,
+            cpus: record.spec.cpus,
+            memory: record.spec.memory,
+            labels: record.spec.labels.clone(),
+            exit_reason: record.exit_reason.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +376,19 @@ mod tests {
         let again: VmRecord =
             serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
         assert_eq!(again, record);
+    }
+
+    #[test]
+    fn summary_from_json_matches_summary_from_record() {
+        let mut spec = VmSpec::new("web");
+        spec.labels.insert("role".into(), "web \"quoted\"".into());
+        let mut record = VmRecord::new("0123456789ab".into(), spec, BackendKind::Qemu, "/w".into());
+        record.exit_reason = Some("done".into());
+        let doc = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            VmSummary::from_json(&doc).unwrap(),
+            VmSummary::from(&record)
+        );
     }
 
     #[test]

@@ -22,11 +22,11 @@ pub fn ps(global: &Global, args: PsArgs) -> anyhow::Result<u8> {
         };
         filter.labels.insert(key, value);
     }
-    let records = open(global)?.list_filtered(&filter)?;
+    let mut manager = open(global)?;
     if global.json {
-        print_json(&records)?;
+        print_json(&manager.list_filtered(&filter)?)?;
     } else {
-        print_table(&records);
+        print_table(&manager.list_summaries(&filter)?)?;
     }
     Ok(0)
 }

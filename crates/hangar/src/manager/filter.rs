@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::record::{VmRecord, VmState};
+use crate::record::{VmRecord, VmState, VmSummary};
 
 /// All conditions must hold. Empty lists match everything.
 #[derive(Clone, Debug, Default)]
@@ -18,24 +18,32 @@ pub struct ListFilter {
 
 impl ListFilter {
     pub fn matches(&self, record: &VmRecord) -> bool {
+        self.matches_parts(record.state, &record.namespace, &record.spec.labels)
+    }
+
+    pub fn matches_summary(&self, summary: &VmSummary) -> bool {
+        self.matches_parts(summary.state, &summary.namespace, &summary.labels)
+    }
+
+    fn matches_parts(
+        &self,
+        state: VmState,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
         let state_ok = if self.states.is_empty() {
-            self.all || record.state.has_process()
+            self.all || state.has_process()
         } else {
-            self.states.contains(&record.state)
+            self.states.contains(&state)
+        };
+        let label_ok = |(key, want): (&String, &Option<String>)| match (labels.get(key), want) {
+            (Some(have), Some(want)) => have == want,
+            (Some(_), None) => true,
+            (None, _) => false,
         };
         state_ok
-            && self
-                .namespace
-                .as_ref()
-                .is_none_or(|ns| &record.namespace == ns)
-            && self
-                .labels
-                .iter()
-                .all(|(key, want)| match (record.spec.labels.get(key), want) {
-                    (Some(have), Some(want)) => have == want,
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                })
+            && self.namespace.as_deref().is_none_or(|ns| namespace == ns)
+            && self.labels.iter().all(label_ok)
     }
 }
 

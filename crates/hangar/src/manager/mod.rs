@@ -17,7 +17,7 @@ use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::image::{ensure_default_image, DefaultImage};
 use crate::layout::{create_private_dir, Layout};
-use crate::record::{Accel, BackendKind, ProcessRef, VmRecord};
+use crate::record::{Accel, BackendKind, ProcessRef, VmRecord, VmSummary};
 use crate::spec::{ImageSource, VmSpec};
 use crate::store::Store;
 
@@ -128,6 +128,27 @@ impl Manager {
     pub fn list(&mut self) -> Result<Vec<VmRecord>, ManagerError> {
         let records = self.store.list()?;
         records.into_iter().map(|r| self.reconcile(r)).collect()
+    }
+
+    /// Summaries of the VMs `filter` selects. Only VMs whose records say a
+    /// VMM runs are decoded fully and reconciled; the rest cannot have
+    /// changed behind Hangar's back.
+    pub fn list_summaries(&mut self, filter: &ListFilter) -> Result<Vec<VmSummary>, ManagerError> {
+        let mut out = Vec::new();
+        for summary in self.store.list_summaries()? {
+            let summary = if summary.state.has_process() {
+                match self.store.get(&summary.id)? {
+                    Some(record) => VmSummary::from(&self.reconcile(record)?),
+                    None => continue,
+                }
+            } else {
+                summary
+            };
+            if filter.matches_summary(&summary) {
+                out.push(summary);
+            }
+        }
+        Ok(out)
     }
 
     /// The VMs `filter` selects, each reconciled.

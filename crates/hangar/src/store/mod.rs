@@ -112,6 +112,71 @@ impl Store {
         Ok(())
     }
 
+    /// Adds many new records in one transaction (bulk import, benchmarks).
+    /// Any conflict aborts the whole batch.
+    pub fn insert_batch(&mut self, records: &[VmRecord]) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO vms (id, namespace, name, document) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for record in records {
+                stmt.execute(params![
+                    record.id,
+                    record.namespace,
+                    record.name,
+                    to_json(record)
+                ])
+                .map_err(|err| match err {
+                    rusqlite::Error::SqliteFailure(e, _)
+                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        StoreError::NameTaken {
+                            namespace: record.namespace.clone(),
+                            name: record.name.clone(),
+                        }
+                    }
+                    other => other.into(),
+                })?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Summaries of all records, oldest first.
+    pub fn list_summaries(&self) -> Result<Vec<crate::record::VmSummary>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, document FROM vms ORDER BY rowid")?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let doc = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+            let summary =
+                crate::record::VmSummary::from_json(doc).map_err(|source| StoreError::Corrupt {
+                    id: row.get::<_, String>(0).unwrap_or_default(),
+                    source,
+                })?;
+            out.push(summary);
+        }
+        Ok(out)
+    }
+
+    /// Counts rows without decoding them: the floor under `list`.
+    pub fn count_raw(&self) -> Result<usize, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT id, document FROM vms")?;
+        let mut rows = stmt.query([])?;
+        let mut n = 0;
+        while let Some(row) = rows.next()? {
+            let doc: rusqlite::types::ValueRef<'_> = row.get_ref(1)?;
+            n += usize::from(!doc.as_bytes().unwrap_or_default().is_empty());
+        }
+        Ok(n)
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
         let doc: Option<String> = self
             .conn
