@@ -7,6 +7,7 @@
 //! off, so the host sees the VM end and shows the console's last lines.
 
 mod cmdline;
+mod console;
 mod exec;
 mod facts;
 mod init;

@@ -38,6 +38,9 @@ pub fn serve(port: AgentPort, is_init: bool) -> io::Result<()> {
         port: Arc::new(Mutex::new(port.try_clone_file()?)),
     };
     let reaper = Reaper::start();
+    if is_init {
+        crate::console::spawn_shell(reaper.clone());
+    }
     // Announce readiness; if no host is connected yet this is dropped and the
     // host's own hello gets the answer.
     send_hello(&sender, None);

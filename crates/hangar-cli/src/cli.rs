@@ -64,6 +64,8 @@ pub enum Command {
     Ps(PsArgs),
     /// Show a VM's record as JSON.
     Inspect(VmArg),
+    /// Attach to a VM's serial console (detach with Ctrl-]).
+    Console(VmArg),
     /// Print a VM's serial console log.
     Logs(LogsArgs),
     /// Run a command in a running VM.

@@ -195,3 +195,46 @@ fn real_vm_pauses_resumes_logs_and_dies_by_signal() {
     assert_eq!(record["state"], "stopped");
     assert_eq!(record["exit_reason"], "killed with SIGKILL on request");
 }
+
+#[test]
+fn console_attaches_runs_a_shell_command_and_detaches() {
+    use std::io::Write;
+    let state = shared_state();
+    let name = unique("console");
+    ok(&hangar(state, &["create", "--name", &name]));
+    let _guard = VmGuard {
+        state,
+        name: name.clone(),
+    };
+    ok(&hangar(state, &["start", &name]));
+    let mut child = std::process::Command::new(hangar_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args(["console", &name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // The shell may still be starting: ask twice, a second apart.
+    for _ in 0..2 {
+        stdin.write_all(b"echo CONSOLE-$((6*7))\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    stdin.write_all(&[0x1d]).unwrap();
+    let output = wait_all(vec![child], std::time::Duration::from_secs(30)).remove(0);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("CONSOLE-42"),
+        "console printed: {}",
+        text(&output.stdout)
+    );
+    assert!(
+        text(&output.stderr).contains("detached"),
+        "{}",
+        text(&output.stderr)
+    );
+    // Still running after detach.
+    assert_eq!(inspect(state, &name)["state"], "running");
+}

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod console;
 pub mod fsutil;
 pub mod guest;
 pub mod image;

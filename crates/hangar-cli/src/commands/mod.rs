@@ -2,6 +2,7 @@
 //! once and prints.
 
 mod bench;
+mod console;
 mod control;
 mod lifecycle;
 mod run;
@@ -29,6 +30,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Ps(args) => show::ps(global, args),
         Command::Inspect(args) => show::inspect(global, args),
         Command::Logs(args) => show::logs(global, args),
+        Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
         Command::Gc => show::gc(global),
         Command::Bench(args) => bench::bench(global, args),

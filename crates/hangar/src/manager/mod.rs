@@ -160,6 +160,24 @@ impl Manager {
             .collect())
     }
 
+    /// The console socket of a running VM, for [`crate::console::attach`].
+    pub fn console_socket(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+    ) -> Result<PathBuf, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        match (&record.sockets.console, record.state.has_process()) {
+            (Some(socket), true) => Ok(socket.clone()),
+            _ => Err(ManagerError::InvalidState {
+                name: record.name,
+                state: record.state,
+                action: "attach to its console",
+                hint: "; start it first (`hangar start`)",
+            }),
+        }
+    }
+
     /// Path of the VM's serial console log.
     pub fn console_log(
         &mut self,
