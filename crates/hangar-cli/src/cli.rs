@@ -73,6 +73,10 @@ pub enum Command {
     /// Clean up after crashes: orphan VMM processes and work dirs, VMs of
     /// `run`s that died, interrupted starts and stops.
     Gc,
+    /// Bring up the VMs of a file (create, start, provision what changed).
+    Up(UpArgs),
+    /// Remove the VMs a file's `up` made.
+    Down(UpArgs),
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
     /// Measure performance against baselines from the same run.
@@ -258,4 +262,11 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 100)]
         storm: usize,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The up file (.toml, .json, .yaml).
+    #[arg(long, short = 'f', default_value = "hangar.toml")]
+    pub file: PathBuf,
 }

@@ -18,6 +18,7 @@ pub mod size;
 pub mod spec;
 pub mod spec_file;
 pub mod store;
+pub mod up_file;
 
 pub use hangar_proto::{ExecRequest, ExitStatus};
 pub use manager::{Manager, ManagerError, ManagerOptions, RunOutcome};

@@ -7,6 +7,7 @@ mod control;
 mod lifecycle;
 mod run;
 mod show;
+mod up;
 
 use anyhow::{bail, Context};
 
@@ -33,6 +34,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
         Command::Gc => show::gc(global),
+        Command::Up(args) => up::up(global, args),
+        Command::Down(args) => up::down(global, args),
         Command::Bench(args) => bench::bench(global, args),
     }
 }

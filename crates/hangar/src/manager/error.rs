@@ -59,6 +59,13 @@ pub enum ManagerError {
         state: VmState,
         waited: Duration,
     },
+    #[error("VM {name}: provision step {step} (`{argv}`) failed with {status}")]
+    Provision {
+        name: String,
+        step: usize,
+        argv: String,
+        status: String,
+    },
     #[error("unknown image {reference:?}: this version boots only the embedded image \"default\" (OCI and disk images are not supported yet)")]
     UnknownImage { reference: String },
     #[error("{0}")]

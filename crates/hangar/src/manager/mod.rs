@@ -8,6 +8,7 @@ mod gc;
 mod lifecycle;
 mod reconcile;
 mod run;
+mod up;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ pub use error::ManagerError;
 pub use filter::ListFilter;
 pub use gc::GcReport;
 pub use run::RunOutcome;
+pub use up::{UpAction, UpChange};
 
 /// How many console lines are kept with a VM that ended on its own, and
 /// shown in errors.
