@@ -18,6 +18,8 @@ mod sys;
 
 use std::time::Duration;
 
+use hangar_proto::{port_name, AGENT_PORTS};
+
 /// How long to wait for the virtio-serial port to appear after boot.
 const PORT_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -35,15 +37,46 @@ fn main() {
         }
         init::load_modules();
     }
-    let result =
-        port::open_agent_port(PORT_APPEAR_TIMEOUT).and_then(|port| session::serve(port, is_init));
-    if let Err(err) = result {
+    let reaper = reaper::Reaper::start();
+    if is_init {
+        console::spawn_shell(reaper.clone());
+    }
+    if let Err(err) = serve_ports(&reaper, is_init) {
         log(&format!("fatal: {err}"));
     }
     if is_init {
         sys::power_off();
     }
     std::process::exit(1);
+}
+
+/// Port 0 must appear; the others come with the same device, so once port
+/// 0 is there they are too (a missing one only means fewer concurrent host
+/// sessions). Serves port 0 on this thread, the rest on their own.
+fn serve_ports(reaper: &reaper::Reaper, is_init: bool) -> std::io::Result<()> {
+    let first = port::open_agent_port(&port_name(0), PORT_APPEAR_TIMEOUT)?;
+    let reaper_for_rest = reaper.clone();
+    // Port names reach the guest one by one; serve each as it appears.
+    std::thread::spawn(move || {
+        let mut missing: Vec<u32> = (1..AGENT_PORTS).collect();
+        let deadline = std::time::Instant::now() + PORT_APPEAR_TIMEOUT;
+        while !missing.is_empty() && std::time::Instant::now() < deadline {
+            missing.retain(|index| {
+                let Ok(port) = port::open_agent_port(&port_name(*index), Duration::ZERO) else {
+                    return true;
+                };
+                let reaper = reaper_for_rest.clone();
+                std::thread::spawn(move || session::serve(port, reaper, is_init));
+                false
+            });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !missing.is_empty() {
+            log(&format!("ports never appeared: {missing:?}"));
+        }
+    });
+    log("ready");
+    session::serve(first, reaper.clone(), is_init)
 }
 
 /// Writes one line to the agent's stderr: the serial console as PID 1.

@@ -1,10 +1,14 @@
-//! The request loop: decode host frames, dispatch, answer.
+//! One host session on one port: decode host frames, dispatch, answer.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use hangar_proto::{Frame, FrameError, FrameReader, GuestMessage, HostMessage, PROTOCOL_VERSION};
+use hangar_proto::{
+    Frame, FrameError, FrameKind, FrameReader, GuestMessage, HostMessage, PROTOCOL_VERSION,
+};
 
 use crate::port::AgentPort;
 use crate::reaper::Reaper;
@@ -33,24 +37,51 @@ impl Sender {
     }
 }
 
-pub fn serve(port: AgentPort, is_init: bool) -> io::Result<()> {
+/// A command of this session, as the session reaches it: its pid for
+/// signals (None until spawned) and the feed of its stdin (None once
+/// closed). Entered before the command spawns, so stdin that arrives at
+/// once is queued, not lost; removed as soon as its exit status is known.
+#[derive(Debug)]
+pub struct Running {
+    pub pid: Option<u32>,
+    pub stdin: Option<mpsc::SyncSender<Vec<u8>>>,
+}
+
+/// How long to sleep while no host is connected.
+const HOST_ABSENT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Stdin chunks queued per command before the session stops reading (back
+/// pressure instead of unbounded guest memory).
+const STDIN_QUEUE: usize = 64;
+
+/// The session's running commands by exec id.
+pub type Table = Arc<Mutex<BTreeMap<u32, Running>>>;
+
+pub fn serve(port: AgentPort, reaper: Reaper, is_init: bool) -> io::Result<()> {
     let sender = Sender {
         port: Arc::new(Mutex::new(port.try_clone_file()?)),
     };
-    let reaper = Reaper::start();
-    if is_init {
-        crate::console::spawn_shell(reaper.clone());
-    }
+    let table: Table = Arc::default();
     // Announce readiness; if no host is connected yet this is dropped and the
     // host's own hello gets the answer.
     send_hello(&sender, None);
-    crate::log("ready");
     let mut reader = FrameReader::new(port);
     loop {
         let frame = match reader.read_frame() {
             Ok(frame) => frame,
+            // No host (it disconnected, maybe mid-frame): forget the partial
+            // frame and wait for the next one.
+            Err(FrameError::Closed) => {
+                reader.reset();
+                std::thread::sleep(HOST_ABSENT_POLL);
+                continue;
+            }
+            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                reader.reset();
+                std::thread::sleep(HOST_ABSENT_POLL);
+                continue;
+            }
             Err(FrameError::Io(err)) => return Err(err),
-            Err(FrameError::Closed) => continue,
             Err(err) => {
                 sender.send_message(&GuestMessage::Error {
                     message: err.to_string(),
@@ -58,8 +89,12 @@ pub fn serve(port: AgentPort, is_init: bool) -> io::Result<()> {
                 continue;
             }
         };
+        if frame.kind == FrameKind::Stdin {
+            feed_stdin(&table, frame.stream, frame.payload);
+            continue;
+        }
         match HostMessage::from_frame(&frame) {
-            Ok(message) => handle(message, &sender, &reaper, is_init),
+            Ok(message) => handle(message, &sender, &reaper, &table, is_init),
             Err(err) => sender.send_message(&GuestMessage::Error {
                 message: err.to_string(),
             }),
@@ -67,7 +102,7 @@ pub fn serve(port: AgentPort, is_init: bool) -> io::Result<()> {
     }
 }
 
-fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, is_init: bool) {
+fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table, is_init: bool) {
     match message {
         HostMessage::Hello { version, nonce } if version == PROTOCOL_VERSION => {
             send_hello(sender, Some(nonce));
@@ -79,10 +114,61 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, is_init: bool)
             });
         }
         HostMessage::Exec { id, request } => {
-            crate::exec::spawn(id, request, sender.clone(), reaper.clone());
+            let (feed, queue) = if request.stdin {
+                let (tx, rx) = mpsc::sync_channel(STDIN_QUEUE);
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            lock(table).insert(
+                id,
+                Running {
+                    pid: None,
+                    stdin: feed,
+                },
+            );
+            let job = crate::exec::Job {
+                id,
+                request,
+                stdin: queue,
+                sender: sender.clone(),
+                reaper: reaper.clone(),
+                table: Arc::clone(table),
+            };
+            crate::exec::spawn(job);
+        }
+        HostMessage::CloseStdin { id } => {
+            if let Some(running) = lock(table).get_mut(&id) {
+                running.stdin = None;
+            }
+        }
+        HostMessage::Signal { id, signal } => {
+            let table = lock(table);
+            if let Some(pid) = table.get(&id).and_then(|r| r.pid) {
+                // SAFETY: kill takes plain integers. The entry leaves the
+                // table (under this lock) as soon as the child is reaped, so
+                // the pid is still our child here.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, signal);
+                }
+            }
         }
         HostMessage::Shutdown { reboot } => shutdown(reboot, is_init),
     }
+}
+
+fn feed_stdin(table: &Table, id: u32, data: Vec<u8>) {
+    let feed = lock(table).get(&id).and_then(|r| r.stdin.clone());
+    if let Some(feed) = feed {
+        // Blocks while the queue is full (the table lock is not held). The
+        // writer may have stopped (the command closed its stdin); the data
+        // then has nowhere to go, like a closed pipe.
+        let _ = feed.send(data);
+    }
+}
+
+pub fn lock(table: &Table) -> std::sync::MutexGuard<'_, BTreeMap<u32, Running>> {
+    table.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 fn send_hello(sender: &Sender, nonce: Option<u64>) {

@@ -125,6 +125,12 @@ pub struct RunArgs {
 /// The guest command of `run` and `exec`.
 #[derive(Debug, Args)]
 pub struct CommandArgs {
+    /// Pass this terminal's stdin to the command (otherwise /dev/null).
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     /// Environment variable KEY=VALUE for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,

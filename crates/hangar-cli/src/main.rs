@@ -13,6 +13,8 @@ use clap::Parser;
 /// Exit code when Hangar itself fails (docker uses the same).
 const EXIT_HANGAR_ERROR: u8 = 125;
 const EXIT_INTERRUPTED: u8 = 130;
+/// Exit code when `--timeout` killed the guest command (as `timeout(1)`).
+const EXIT_TIMED_OUT: u8 = 124;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -27,6 +29,15 @@ fn main() -> ExitCode {
             {
                 eprintln!("hangar: interrupted");
                 return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            let timed_out = err.chain().any(|cause| {
+                cause
+                    .downcast_ref::<hangar::guest::GuestError>()
+                    .is_some_and(|e| matches!(e, hangar::guest::GuestError::ExecTimeout { .. }))
+            });
+            if timed_out {
+                eprintln!("hangar: {}", output::error_chain(&err));
+                return ExitCode::from(EXIT_TIMED_OUT);
             }
             // `hangar ps | head` closes our stdout early: not an error.
             let broken_pipe = err.chain().any(|cause| {

@@ -22,6 +22,8 @@ pub enum FrameKind {
     Stdout = 3,
     /// Raw stderr bytes of the exec `stream`.
     Stderr = 4,
+    /// Raw stdin bytes for the exec `stream`, host to guest.
+    Stdin = 5,
 }
 
 impl FrameKind {
@@ -31,6 +33,7 @@ impl FrameKind {
             2 => Some(Self::Guest),
             3 => Some(Self::Stdout),
             4 => Some(Self::Stderr),
+            5 => Some(Self::Stdin),
             _ => None,
         }
     }
@@ -210,6 +213,12 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
+    /// Drops any partial frame: the peer that was sending it is gone, and
+    /// its remainder must not swallow the next peer's first frames.
+    pub fn reset(&mut self) {
+        self.decoder = FrameDecoder::default();
+    }
+
     /// Reads until one whole frame is decoded. A clean end of stream between
     /// frames is [`FrameError::Closed`]; inside a frame it is an I/O error.
     pub fn read_frame(&mut self) -> Result<Frame, FrameError> {
@@ -332,7 +341,7 @@ mod tests {
         }
 
         #[test]
-        fn any_frame_round_trips(kind in 1u8..=4, stream: u32, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn any_frame_round_trips(kind in 1u8..=5, stream: u32, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
             let original = Frame { kind: FrameKind::from_byte(kind).unwrap(), stream, payload };
             let bytes = original.encode();
             prop_assert_eq!(FrameReader::new(&bytes[..]).read_frame().unwrap(), original);

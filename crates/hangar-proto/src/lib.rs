@@ -24,8 +24,17 @@ pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FrameReader, MAGIC, 
 pub use message::{ExecRequest, ExitStatus, GuestFacts, GuestMessage, HostMessage};
 
 /// Version of the wire format. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: stdin frames, `CloseStdin`, `Signal`, `ExecRequest::stdin`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Name of the virtio-serial port the agent listens on. The guest kernel
-/// exposes it under `/sys/class/virtio-ports/*/name`.
-pub const VIRTIO_PORT_NAME: &str = "org.hangar.agent.0";
+/// How many virtio-serial ports the agent serves. A QEMU socket chardev
+/// takes one host connection at a time, so each port is one concurrent host
+/// session (one `hangar exec` process); within a session any number of
+/// commands run at once.
+pub const AGENT_PORTS: u32 = 16;
+
+/// Name of agent port `index`. The guest kernel exposes it under
+/// `/sys/class/virtio-ports/*/name`.
+pub fn port_name(index: u32) -> String {
+    format!("org.hangar.agent.{index}")
+}

@@ -16,6 +16,10 @@ pub struct ExecRequest {
     /// Working directory; the guest's `/` when absent.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Pipe stdin from the host (`Stdin` frames, then `CloseStdin`);
+    /// otherwise the command's stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// How a guest process ended.
@@ -61,6 +65,10 @@ pub enum HostMessage {
     Hello { version: u32, nonce: u64 },
     /// Starts a command; its output and exit come back on `stream` = `id`.
     Exec { id: u32, request: ExecRequest },
+    /// No more stdin for the command `id`: its stdin pipe closes.
+    CloseStdin { id: u32 },
+    /// Sends signal number `signal` to the command `id`.
+    Signal { id: u32, signal: i32 },
     /// Flushes filesystems and powers the guest off (or reboots it).
     Shutdown { reboot: bool },
 }
@@ -143,6 +151,7 @@ mod tests {
                 argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/tmp".into()),
+                stdin: true,
             },
         };
         assert_eq!(HostMessage::from_frame(&exec.to_frame()).unwrap(), exec);

@@ -14,3 +14,10 @@ pub fn request() {
 pub fn requested() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
+
+/// Returns whether an interrupt arrived since the last call, and clears it:
+/// for waits that forward each Ctrl-C (to a guest command) instead of
+/// stopping.
+pub fn take() -> bool {
+    INTERRUPTED.swap(false, Ordering::SeqCst)
+}

@@ -130,9 +130,12 @@ pub struct Sockets {
     /// QMP control socket (QEMU).
     #[serde(default)]
     pub qmp: Option<PathBuf>,
-    /// Agent channel: a unix socket bridged to virtio-serial.
+    /// Agent channel: a unix socket bridged to virtio-serial ...
     #[serde(default)]
     pub agent: Option<PathBuf>,
+    /// ... and more of them, one per concurrent host session.
+    #[serde(default)]
+    pub agent_extra: Vec<PathBuf>,
     /// Serial console socket (attach) ...
     #[serde(default)]
     pub console: Option<PathBuf>,
@@ -204,6 +207,17 @@ pub struct VmRecord {
 
 fn schema_one() -> u32 {
     1
+}
+
+impl Sockets {
+    /// Every agent socket, the first one first.
+    pub fn agent_sockets(&self) -> Vec<PathBuf> {
+        self.agent
+            .iter()
+            .chain(&self.agent_extra)
+            .cloned()
+            .collect()
+    }
 }
 
 impl VmRecord {

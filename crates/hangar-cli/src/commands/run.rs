@@ -1,5 +1,6 @@
 //! `run` and `exec`.
 
+use hangar::guest::ExecIo;
 use hangar::ExecRequest;
 
 use super::{exit_code, open, parse_env, spec_from};
@@ -11,7 +12,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let id = hangar::manager::new_id()?;
     let name = args.name.clone().unwrap_or_else(|| format!("run-{id}"));
     let spec = spec_from(name, &args.resources)?;
-    let request = exec_request(args.command)?;
+    let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
     super::note_accelerator(&mut manager, global)?;
     let spinner = Spinner::start("booting VM", global.json);
@@ -19,7 +20,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         spinner: Some(spinner),
         inner: StdioSink,
     };
-    let outcome = manager.run(spec, request, &mut sink, args.keep);
+    let outcome = manager.run(spec, request, io, &mut sink, args.keep);
     if let Some(spinner) = sink.spinner.take() {
         spinner.finish();
     }
@@ -35,23 +36,32 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
 }
 
 pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
-    let request = exec_request(args.command)?;
+    let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
     let status = manager.exec(
         args.vm.namespace.as_deref(),
         &args.vm.vm,
         request,
+        io,
         &mut StdioSink,
     )?;
     Ok(exit_code(status))
 }
 
-fn exec_request(command: CommandArgs) -> anyhow::Result<ExecRequest> {
-    Ok(ExecRequest {
+fn exec_request(command: CommandArgs) -> anyhow::Result<(ExecRequest, ExecIo)> {
+    let request = ExecRequest {
         env: parse_env(&command.env)?,
         argv: command.argv,
         cwd: command.workdir,
-    })
+        stdin: command.interactive,
+    };
+    let io = ExecIo {
+        stdin: command
+            .interactive
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        timeout: command.timeout.map(std::time::Duration::from_secs),
+    };
+    Ok((request, io))
 }
 
 /// Clears the boot spinner when the first output arrives.

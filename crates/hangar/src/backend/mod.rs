@@ -42,6 +42,9 @@ pub enum VmmStatus {
     /// No process (never started, exited, or the pid now names another
     /// process).
     Gone,
+    /// The process lives but did not answer (QMP busy or stuck): no
+    /// conclusion should be drawn.
+    Unknown,
 }
 
 /// How to stop: whether the guest was already asked to power off, and how

@@ -5,10 +5,14 @@
 //! reads the caller's `check` says whether to go on (the VMM is still alive,
 //! the user did not interrupt, the deadline has not passed).
 
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use hangar_proto::{
     ExecRequest, ExitStatus, Frame, FrameError, FrameKind, FrameReader, GuestFacts, GuestMessage,
@@ -66,7 +70,35 @@ pub enum GuestError {
     Aborted { reason: String },
     #[error("the command could not start in the guest: {message}")]
     ExecFailed { message: String },
+    #[error("the command did not finish within {after:?} and was killed")]
+    ExecTimeout { after: Duration },
+    #[error("all {ports} agent ports stayed busy for {waited:?} (other hangar processes are using them)")]
+    PortsBusy { ports: usize, waited: Duration },
 }
+
+/// How a command gets its input and how long it may run.
+#[derive(Default)]
+pub struct ExecIo {
+    /// Piped to the command's stdin (and closed at its end); None gives the
+    /// command /dev/null.
+    pub stdin: Option<Box<dyn std::io::Read + Send>>,
+    /// Killed (SIGKILL) after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ExecIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecIo")
+            .field("stdin", &self.stdin.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// After a timeout's SIGKILL, how long the exit report may take.
+const KILL_REPORT_WAIT: Duration = Duration::from_secs(5);
+const SIGINT: i32 = 2;
+const SIGKILL: i32 = 9;
 
 /// What the caller's check returns between reads: go on, or stop with a
 /// reason (VMM died, user interrupted).
@@ -77,14 +109,57 @@ pub type Check<'a> = &'a mut dyn FnMut() -> Result<(), String>;
 pub struct AgentClient {
     path: PathBuf,
     reader: FrameReader<UnixStream>,
-    writer: UnixStream,
+    /// Shared with stdin pumps; one frame per locked write.
+    writer: Arc<Mutex<UnixStream>>,
     facts: GuestFacts,
     next_id: u32,
+    /// Held while connected: this port is ours until the client drops.
+    _port_lock: Option<Flock<File>>,
 }
 
 impl AgentClient {
-    /// Connects to the agent socket and waits for the agent's hello, at most
-    /// `timeout`.
+    /// Connects through the first free socket of `sockets` (a lock file
+    /// beside each socket says who uses it), waiting up to `timeout` for one
+    /// to free up and for the agent's hello.
+    ///
+    /// `per_port` bounds the wait for one port's hello: a port the agent
+    /// does not serve is then skipped for the next (during boot, give the
+    /// whole `timeout`).
+    pub fn connect_any(
+        sockets: &[PathBuf],
+        timeout: Duration,
+        per_port: Duration,
+        check: Check<'_>,
+    ) -> Result<Self, GuestError> {
+        let started = Instant::now();
+        loop {
+            for socket in sockets {
+                let Some(lock) = try_lock(socket) else {
+                    continue;
+                };
+                let left = timeout.saturating_sub(started.elapsed());
+                match Self::connect(socket, left.min(per_port), check) {
+                    Ok(mut client) => {
+                        client._port_lock = Some(lock);
+                        return Ok(client);
+                    }
+                    Err(GuestError::Timeout { .. }) if started.elapsed() < timeout => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+            if sockets.is_empty() || started.elapsed() >= timeout {
+                return Err(GuestError::PortsBusy {
+                    ports: sockets.len(),
+                    waited: started.elapsed(),
+                });
+            }
+            check().map_err(|reason| GuestError::Aborted { reason })?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Connects to one agent socket and waits for the agent's hello, at
+    /// most `timeout`.
     pub fn connect(path: &Path, timeout: Duration, check: Check<'_>) -> Result<Self, GuestError> {
         let started = Instant::now();
         let stream = loop {
@@ -117,9 +192,10 @@ impl AgentClient {
         let mut client = Self {
             path: path.to_path_buf(),
             reader: FrameReader::new(stream),
-            writer,
+            writer: Arc::new(Mutex::new(writer)),
             facts: GuestFacts::default(),
             next_id: (nonce as u32) | 1,
+            _port_lock: None,
         };
         let hello = HostMessage::Hello {
             version: PROTOCOL_VERSION,
@@ -171,11 +247,35 @@ impl AgentClient {
         sink: &mut dyn OutputSink,
         check: Check<'_>,
     ) -> Result<ExitStatus, GuestError> {
+        self.exec_with(request, ExecIo::default(), sink, check)
+    }
+
+    /// Like [`AgentClient::exec`], with stdin and a time limit. Ctrl-C
+    /// (the process-wide interrupt flag) is forwarded as SIGINT to the
+    /// command, which decides what it means.
+    pub fn exec_with(
+        &mut self,
+        mut request: ExecRequest,
+        io: ExecIo,
+        sink: &mut dyn OutputSink,
+        check: Check<'_>,
+    ) -> Result<ExitStatus, GuestError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(2);
+        request.stdin = io.stdin.is_some();
         self.send(&HostMessage::Exec { id, request })?;
+        if let Some(input) = io.stdin {
+            pump_stdin(id, input, Arc::clone(&self.writer));
+        }
+        let started = Instant::now();
+        let mut killed_at: Option<Instant> = None;
+        let mut last_check = Instant::now();
         loop {
-            if let Some(frame) = self.next_frame()? {
+            // Checks run at least every POLL_INTERVAL, also while output
+            // floods in without pause.
+            let frame = self.next_frame()?;
+            let check_due = frame.is_none() || last_check.elapsed() >= POLL_INTERVAL;
+            if let Some(frame) = frame {
                 if frame.stream == id && frame.kind == FrameKind::Stdout {
                     sink.on_stdout(&frame.payload);
                 } else if frame.stream == id && frame.kind == FrameKind::Stderr {
@@ -183,7 +283,10 @@ impl AgentClient {
                 } else if frame.kind == FrameKind::Guest {
                     match GuestMessage::from_frame(&frame) {
                         Ok(GuestMessage::ExecExited { id: done, status }) if done == id => {
-                            return Ok(status)
+                            return match (killed_at, io.timeout) {
+                                (Some(_), Some(after)) => Err(GuestError::ExecTimeout { after }),
+                                _ => Ok(status),
+                            };
                         }
                         Ok(GuestMessage::ExecFailed { id: done, message }) if done == id => {
                             return Err(GuestError::ExecFailed { message })
@@ -191,7 +294,26 @@ impl AgentClient {
                         _ => {}
                     }
                 }
+            }
+            if !check_due {
                 continue;
+            }
+            last_check = Instant::now();
+            if crate::interrupt::take() {
+                self.send(&HostMessage::Signal { id, signal: SIGINT })?;
+            }
+            match (io.timeout, killed_at) {
+                (Some(after), None) if started.elapsed() >= after => {
+                    self.send(&HostMessage::Signal {
+                        id,
+                        signal: SIGKILL,
+                    })?;
+                    killed_at = Some(Instant::now());
+                }
+                (Some(after), Some(at)) if at.elapsed() >= KILL_REPORT_WAIT => {
+                    return Err(GuestError::ExecTimeout { after });
+                }
+                _ => {}
             }
             check().map_err(|reason| GuestError::Aborted { reason })?;
         }
@@ -208,12 +330,10 @@ impl AgentClient {
     }
 
     fn write_frame(&mut self, frame: &Frame) -> Result<(), GuestError> {
-        self.writer
-            .write_all(&frame.encode())
-            .map_err(|e| GuestError::Channel {
-                path: self.path.clone(),
-                source: e.into(),
-            })
+        write_locked(&self.writer, frame).map_err(|e| GuestError::Channel {
+            path: self.path.clone(),
+            source: e.into(),
+        })
     }
 
     /// The next frame, or None when the poll interval passed without one.
@@ -236,4 +356,49 @@ impl AgentClient {
             }),
         }
     }
+}
+
+fn write_locked(writer: &Mutex<UnixStream>, frame: &Frame) -> std::io::Result<()> {
+    let mut stream = writer.lock().unwrap_or_else(|poison| poison.into_inner());
+    stream.write_all(&frame.encode())
+}
+
+/// Sends `input` to the command `id` as stdin frames, then closes its
+/// stdin. Runs on its own thread so a slow reader never stalls output; it
+/// ends with its input or when the channel breaks.
+fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mutex<UnixStream>>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let frame = Frame {
+                        kind: FrameKind::Stdin,
+                        stream: id,
+                        payload: buf[..n].to_vec(),
+                    };
+                    if write_locked(&writer, &frame).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = write_locked(&writer, &HostMessage::CloseStdin { id }.to_frame());
+    });
+}
+
+/// An exclusive, non-blocking lock on `<socket>.lock`, or None if another
+/// process holds it.
+fn try_lock(socket: &Path) -> Option<Flock<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = socket.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .ok()?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
 }

@@ -53,12 +53,20 @@ impl Manager {
             .map(|r| r.id.as_str())
             .collect();
         let vms_dir = self.layout.vms_dir().join("");
+        let pidfile_arg = format!("-pidfile {}", vms_dir.display());
         for (pid, cmdline) in process::processes_mentioning(&vms_dir) {
+            // Only VMMs: QEMU names its pidfile in our work dir. A `tail -f`
+            // of a console log mentions the dir too and is left alone.
+            if !cmdline.contains(&pidfile_arg) {
+                continue;
+            }
             let id = vm_id_in(&cmdline, &vms_dir.to_string_lossy());
             let owned = id.is_some_and(|id| {
                 known.contains(id) && (live_pids.contains(&pid) || busy.contains(id))
             });
-            if !owned {
+            // The list above may be stale: a start may have recorded this
+            // VMM since. Look again before killing.
+            if !owned && !self.owned_now(id, pid)? {
                 let start = process::start_time(pid);
                 if process::signal(pid, start, nix::sys::signal::Signal::SIGKILL) {
                     process::wait_gone(pid, start, crate::backend::qemu::KILL_TIMEOUT);
@@ -72,7 +80,8 @@ impl Manager {
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if known.contains(name.as_str()) {
+            // A create since the list above has its record by now.
+            if known.contains(name.as_str()) || self.store.get(&name)?.is_some() {
                 continue;
             }
             report
@@ -97,6 +106,19 @@ impl Manager {
             }
         }
         Ok(report)
+    }
+}
+
+impl Manager {
+    /// Whether, by the store as it is now, VM `id` owns VMM `pid` (its
+    /// recorded pid, or a start under way in a live process).
+    fn owned_now(&self, id: Option<&str>, pid: u32) -> Result<bool, ManagerError> {
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        Ok(self.store.get(id)?.is_some_and(|r| {
+            r.pid == Some(pid) || r.owner.is_some_and(|o| process::is_running(&o))
+        }))
     }
 }
 

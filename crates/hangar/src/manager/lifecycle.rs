@@ -86,13 +86,33 @@ impl Manager {
                 });
             }
         };
-        let record = self.store.update(&id, |r| {
+        // Another process may have stopped, killed or removed the VM while
+        // it launched: then this VMM belongs to nobody and must go.
+        let me = record.owner;
+        let recorded = self.store.update(&id, |r| {
+            if r.state != VmState::Starting || r.owner != me {
+                return Err(ManagerError::InvalidState {
+                    name: r.name.clone(),
+                    state: r.state,
+                    action: "finish starting it",
+                    hint: "; another hangar command changed it while it started",
+                });
+            }
             r.pid = launched.pid;
             r.pid_start_time = launched.pid_start_time;
             r.sockets = launched.sockets.clone();
             r.started_at = Some(chrono::Utc::now());
             Ok::<_, ManagerError>(())
-        })?;
+        });
+        let record = match recorded {
+            Ok(record) => record,
+            Err(err) => {
+                if let Some(pid) = launched.pid {
+                    process::signal(pid, launched.pid_start_time, Signal::SIGKILL);
+                }
+                return Err(err);
+            }
+        };
         if record.backend == BackendKind::Noop {
             let record = self.mark_running(&id)?;
             return Ok((record, None));
@@ -101,12 +121,19 @@ impl Manager {
             Accel::Kvm => READY_TIMEOUT_KVM,
             Accel::Tcg => READY_TIMEOUT_TCG,
         };
-        let socket = record.sockets.agent.clone().unwrap_or_default();
+        let sockets = record.sockets.agent_sockets();
         let started = Instant::now();
         let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, pid_start);
-        match AgentClient::connect(&socket, timeout, &mut check) {
-            Ok(client) => Ok((self.mark_running(&id)?, Some(client))),
+        match AgentClient::connect_any(&sockets, timeout, timeout, &mut check) {
+            Ok(client) => match self.mark_running(&id) {
+                Ok(record) => Ok((record, Some(client))),
+                Err(err) => {
+                    // Stopped or removed by someone else meanwhile.
+                    let _ = self.kill_now(&record);
+                    Err(err)
+                }
+            },
             Err(err) => {
                 let console = self.console_tail(&record);
                 // A guest that never became ready is killed, not left running.
@@ -167,11 +194,17 @@ impl Manager {
         let id = record.id.clone();
         let record = self.store.update(&id, begin_stop)?;
         let mut guest_asked = false;
-        if let Some(socket) = &record.sockets.agent {
+        let sockets = record.sockets.agent_sockets();
+        if !sockets.is_empty() {
             let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
             let mut check = || vmm_alive_check(pid, start);
-            if let Ok(mut client) = AgentClient::connect(socket, AGENT_CONNECT_FOR_STOP, &mut check)
-            {
+            let connected = AgentClient::connect_any(
+                &sockets,
+                AGENT_CONNECT_FOR_STOP,
+                AGENT_CONNECT_FOR_STOP,
+                &mut check,
+            );
+            if let Ok(mut client) = connected {
                 guest_asked = client.shutdown().is_ok();
             }
         }
@@ -278,6 +311,15 @@ impl Manager {
 pub(super) fn begin_stop(record: &mut VmRecord) -> Result<(), ManagerError> {
     transition(record, VmState::Stopping, "stop it")?;
     record.owner = process::current();
+    Ok(())
+}
+
+/// The check run between reads while a command runs: stop waiting if the
+/// VMM died. (Ctrl-C goes to the guest command instead.)
+pub(super) fn vmm_only_check(pid: u32, start: Option<u64>) -> Result<(), String> {
+    if pid != 0 && !process::is_alive(pid, start) {
+        return Err(format!("the VMM process {pid} exited"));
+    }
     Ok(())
 }
 

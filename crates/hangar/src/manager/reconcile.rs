@@ -113,8 +113,13 @@ impl Manager {
 /// pid never reached the record. Waits for each to go.
 pub(super) fn kill_processes_in(work_dir: &std::path::Path) -> Vec<u32> {
     let needle = work_dir.join("");
+    let pidfile_arg = format!("-pidfile {}", work_dir.join("qemu.pid").display());
     let mut killed = Vec::new();
-    for (pid, _) in process::processes_mentioning(&needle) {
+    for (pid, cmdline) in process::processes_mentioning(&needle) {
+        // Only the VMM (it names its pidfile here), not a reader of its logs.
+        if !cmdline.contains(&pidfile_arg) {
+            continue;
+        }
         let start = process::start_time(pid);
         if process::signal(pid, start, nix::sys::signal::Signal::SIGKILL) {
             process::wait_gone(pid, start, crate::backend::qemu::KILL_TIMEOUT);

@@ -4,15 +4,17 @@ use std::time::Duration;
 
 use hangar_proto::{ExecRequest, ExitStatus};
 
-use super::lifecycle::{vmm_alive_check, DEFAULT_STOP_TIMEOUT};
+use super::lifecycle::{vmm_alive_check, vmm_only_check, DEFAULT_STOP_TIMEOUT};
 use super::{Manager, ManagerError};
 use crate::backend::process;
-use crate::guest::{AgentClient, OutputSink};
+use crate::guest::{AgentClient, ExecIo, GuestError, OutputSink};
 use crate::record::{BackendKind, VmRecord, VmState};
 use crate::spec::VmSpec;
 
-/// How long `exec` waits to reach the agent of a running VM.
+/// How long `exec` waits to reach the agent of a running VM ...
 pub const EXEC_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... and for the hello on one port before trying the next.
+pub const PORT_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What `run` did.
 #[derive(Debug)]
@@ -29,6 +31,7 @@ impl Manager {
         namespace: Option<&str>,
         key: &str,
         request: ExecRequest,
+        io: ExecIo,
         sink: &mut dyn OutputSink,
     ) -> Result<ExitStatus, ManagerError> {
         let record = self.inspect(namespace, key)?;
@@ -44,14 +47,19 @@ impl Manager {
                 },
             });
         }
-        let socket = record.sockets.agent.clone().unwrap_or_default();
+        let sockets = record.sockets.agent_sockets();
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, start);
-        let mut client = AgentClient::connect(&socket, EXEC_CONNECT_TIMEOUT, &mut check)
-            .map_err(|source| self.guest_error(&record, source))?;
-        let mut check = || vmm_alive_check(pid, start);
+        let mut client = AgentClient::connect_any(
+            &sockets,
+            EXEC_CONNECT_TIMEOUT,
+            PORT_HELLO_TIMEOUT,
+            &mut check,
+        )
+        .map_err(|source| self.guest_error(&record, source))?;
+        let mut check = || vmm_only_check(pid, start);
         client
-            .exec(request, sink, &mut check)
+            .exec_with(request, io, sink, &mut check)
             .map_err(|source| self.guest_error(&record, source))
     }
 
@@ -62,6 +70,7 @@ impl Manager {
         &mut self,
         spec: VmSpec,
         request: ExecRequest,
+        io: ExecIo,
         sink: &mut dyn OutputSink,
         keep: bool,
     ) -> Result<RunOutcome, ManagerError> {
@@ -69,7 +78,7 @@ impl Manager {
         // by SIGKILL), `gc` removes the VM.
         let ephemeral_for = if keep { None } else { process::current() };
         let record = self.create_record(spec, BackendKind::Qemu, ephemeral_for)?;
-        let result = self.start_and_exec(&record, request, sink);
+        let result = self.start_and_exec(&record, request, io, sink);
         match result {
             Ok((status, _client)) if keep => Ok(RunOutcome {
                 status,
@@ -99,6 +108,7 @@ impl Manager {
         &mut self,
         record: &VmRecord,
         request: ExecRequest,
+        io: ExecIo,
         sink: &mut dyn OutputSink,
     ) -> Result<(ExitStatus, Option<AgentClient>), ManagerError> {
         let (record, client) = self.start_record(record.clone())?;
@@ -108,9 +118,9 @@ impl Manager {
             ));
         };
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
-        let mut check = || vmm_alive_check(pid, start);
+        let mut check = || vmm_only_check(pid, start);
         let status = client
-            .exec(request, sink, &mut check)
+            .exec_with(request, io, sink, &mut check)
             .map_err(|source| self.guest_error(&record, source))?;
         if crate::interrupt::requested() {
             return Err(ManagerError::Interrupted);
@@ -118,14 +128,19 @@ impl Manager {
         Ok((status, Some(client)))
     }
 
-    fn guest_error(&self, record: &VmRecord, source: crate::guest::GuestError) -> ManagerError {
+    fn guest_error(&self, record: &VmRecord, source: GuestError) -> ManagerError {
         if crate::interrupt::requested() {
             return ManagerError::Interrupted;
         }
+        // The console helps when the VM misbehaves, not when a command does.
+        let console = match source {
+            GuestError::ExecFailed { .. } | GuestError::ExecTimeout { .. } => Vec::new(),
+            _ => self.console_tail(record),
+        };
         ManagerError::Guest {
             name: record.name.clone(),
             source,
-            console: self.console_tail(record),
+            console,
         }
     }
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::{Manager, ManagerError};
-use crate::guest::OutputSink;
+use crate::guest::{ExecIo, OutputSink};
 use crate::record::{BackendKind, VmState};
 use crate::up_file::{UpFile, UpVm, HASH_LABEL, MANAGED_LABEL};
 use hangar_proto::{ExecRequest, ExitStatus};
@@ -97,8 +97,15 @@ impl Manager {
                 argv: step.run.clone(),
                 env: step.env.clone().into_iter().collect(),
                 cwd: step.workdir.clone(),
+                stdin: false,
             };
-            let status = self.exec(Some(&namespace), &record.id, request, sink)?;
+            let status = self.exec(
+                Some(&namespace),
+                &record.id,
+                request,
+                ExecIo::default(),
+                sink,
+            )?;
             if status != ExitStatus::Code(0) {
                 return Err(ManagerError::Provision {
                     name: vm.spec.name.clone(),

@@ -21,7 +21,8 @@ pub struct QemuArgs {
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
     pub qmp_socket: PathBuf,
-    pub agent_socket: PathBuf,
+    /// One socket per agent port, in port order.
+    pub agent_sockets: Vec<PathBuf>,
     pub console_socket: PathBuf,
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
@@ -60,23 +61,19 @@ impl QemuArgs {
             escape(&self.console_log)
         );
         push(&["-chardev", &console, "-serial", "chardev:console"]);
-        // Agent channel: virtio-serial port bridged to a unix socket.
-        let agent = format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            escape(&self.agent_socket)
-        );
-        let port = format!(
-            "virtserialport,bus=vser0.0,chardev=agent,name={}",
-            hangar_proto::VIRTIO_PORT_NAME
-        );
-        push(&[
-            "-device",
-            "virtio-serial-pci,id=vser0",
-            "-chardev",
-            &agent,
-            "-device",
-            &port,
-        ]);
+        // Agent channels: virtio-serial ports, each bridged to a unix socket.
+        push(&["-device", "virtio-serial-pci,id=vser0,max_ports=32"]);
+        for (index, socket) in self.agent_sockets.iter().enumerate() {
+            let agent = format!(
+                "socket,id=agent{index},path={},server=on,wait=off",
+                escape(socket)
+            );
+            let port = format!(
+                "virtserialport,bus=vser0.0,chardev=agent{index},name={}",
+                hangar_proto::port_name(index as u32)
+            );
+            push(&["-chardev", &agent, "-device", &port]);
+        }
         let qmp = format!(
             "socket,id=qmp,path={},server=on,wait=off",
             escape(&self.qmp_socket)
@@ -107,7 +104,7 @@ mod tests {
             initramfs: Some("/img/initramfs.cpio".into()),
             cmdline: "console=ttyS0 quiet".into(),
             qmp_socket: "/s/q,mp.sock".into(),
-            agent_socket: "/s/agent.sock".into(),
+            agent_sockets: vec!["/s/agent.sock".into(), "/s/agent-1.sock".into()],
             console_socket: "/s/console.sock".into(),
             console_log: "/s/console.log".into(),
             pidfile: "/s/qemu.pid".into(),
@@ -125,6 +122,10 @@ mod tests {
         assert!(joined.contains("-machine q35,accel=tcg"));
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("path=/s/q,,mp.sock"), "{joined}");
+        assert!(
+            joined.contains("chardev=agent1,name=org.hangar.agent.1"),
+            "{joined}"
+        );
         // The cmdline stays one argument, spaces and all.
         let i = argv.iter().position(|a| a == "-append").unwrap();
         assert_eq!(argv[i + 1], "console=ttyS0 quiet");

@@ -99,6 +99,9 @@ pub fn sockets_for(work_dir: &Path) -> Sockets {
     Sockets {
         qmp: Some(work_dir.join("qmp.sock")),
         agent: Some(work_dir.join("agent.sock")),
+        agent_extra: (1..hangar_proto::AGENT_PORTS)
+            .map(|i| work_dir.join(format!("agent-{i}.sock")))
+            .collect(),
         console: Some(work_dir.join("console.sock")),
         console_log: Some(work_dir.join("console.log")),
     }
@@ -145,9 +148,11 @@ impl Backend for QemuBackend {
             move |source| BackendError::Io { path, source }
         };
         let mut paths = Vec::new();
-        for socket in [&sockets.qmp, &sockets.agent, &sockets.console]
+        let agent_sockets = sockets.agent_sockets();
+        for socket in [&sockets.qmp, &sockets.console]
             .into_iter()
             .flatten()
+            .chain(&agent_sockets)
         {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
@@ -179,8 +184,8 @@ impl Backend for QemuBackend {
             initramfs: plan.initramfs.clone(),
             cmdline: plan.cmdline.clone(),
             qmp_socket: paths[0].clone(),
-            agent_socket: paths[1].clone(),
-            console_socket: paths[2].clone(),
+            console_socket: paths[1].clone(),
+            agent_sockets,
             console_log: sockets.console_log.clone().unwrap_or_default(),
             pidfile: pidfile.clone(),
         };
@@ -249,7 +254,8 @@ impl Backend for QemuBackend {
         }
         match self.qmp(vm).and_then(|mut qmp| qmp.query_status()) {
             Ok(status) if !status.running && status.status == "paused" => VmmStatus::Paused,
-            _ => VmmStatus::Running,
+            Ok(_) => VmmStatus::Running,
+            Err(_) => VmmStatus::Unknown,
         }
     }
 
