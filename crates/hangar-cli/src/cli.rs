@@ -258,6 +258,15 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// Exec round trip, stdout throughput and concurrent execs on one VM.
+    Exec {
+        /// Round trips to time.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Megabytes to stream from guest stdout.
+        #[arg(long, default_value_t = 100)]
+        megabytes: u64,
+    },
     /// `ps` over many records, and the create -> rm throughput of parallel
     /// processes (noop backend, in a temporary state dir).
     Store {

@@ -3,6 +3,7 @@
 //! ```text
 //! <state>/                      0700
 //!   hangar.db                   SQLite store (WAL): VM records
+//!   hangar.lock                 held briefly while a process opens the store
 //!   vms/<id>/                   a VM's work dir: qmp.sock, agent.sock,
 //!                               console.sock, console.log, qemu.pid,
 //!                               qemu.stderr

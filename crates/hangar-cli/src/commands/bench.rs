@@ -18,6 +18,7 @@ pub fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<u8> {
     match args.what {
         BenchWhat::Boot { runs } => boot(global, runs),
         BenchWhat::Store { records, storm } => store(global, records, storm),
+        BenchWhat::Exec { runs, megabytes } => super::bench_exec::exec(global, runs, megabytes),
     }
 }
 
@@ -117,7 +118,7 @@ fn store(global: &Global, records: usize, storm: usize) -> anyhow::Result<u8> {
 }
 
 /// Wall time of one `hangar` process, which must succeed.
-fn time_hangar(state: &Path, args: &[&str]) -> anyhow::Result<Duration> {
+pub fn time_hangar(state: &Path, args: &[&str]) -> anyhow::Result<Duration> {
     let exe = std::env::current_exe().context("locating the hangar binary")?;
     let started = Instant::now();
     let status = Command::new(exe)
@@ -166,7 +167,7 @@ fn time_storm(state: &Path, n: usize) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-fn median(samples: &[Duration]) -> Duration {
+pub fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
     sorted[sorted.len() / 2]

@@ -2,6 +2,7 @@
 //! once and prints.
 
 mod bench;
+mod bench_exec;
 mod console;
 mod control;
 mod lifecycle;

@@ -63,6 +63,26 @@ impl Manager {
             .map_err(|source| self.guest_error(&record, source))
     }
 
+    /// An open agent session with a running VM, for many commands in a row
+    /// (benchmarks, library users) without reconnecting each time.
+    pub fn connect_agent(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+    ) -> Result<AgentClient, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        let sockets = record.sockets.agent_sockets();
+        let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
+        let mut check = || vmm_alive_check(pid, start);
+        AgentClient::connect_any(
+            &sockets,
+            EXEC_CONNECT_TIMEOUT,
+            PORT_HELLO_TIMEOUT,
+            &mut check,
+        )
+        .map_err(|source| self.guest_error(&record, source))
+    }
+
     /// `docker run` for VMs: a fresh VM from `spec` runs `request`; the VM
     /// is removed afterwards unless `keep`, in which case it stays running.
     /// On error or interrupt the VM is always removed.

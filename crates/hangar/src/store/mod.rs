@@ -77,6 +77,12 @@ impl Store {
             .map_err(|err| open_err(rusqlite::Error::InvalidPath(format!("{err}").into())))?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // Checking, migrating and switching to WAL need the file to
+        // themselves; SQLite answers "busy" at once, not after the busy
+        // timeout, when two processes do it together on a new store. A
+        // short file lock serialises opens (the kernel drops it if the
+        // process dies).
+        let _open_lock = open_lock(path)?;
         schema::check_and_migrate(&conn, path)?;
         Ok(Self {
             conn,
@@ -290,6 +296,23 @@ impl Store {
     pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
     }
+}
+
+fn open_lock(db: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = db.with_extension("lock");
+    let lock_err = |err: std::io::Error| StoreError::Open {
+        path: path.clone(),
+        source: rusqlite::Error::InvalidPath(err.to_string().into()),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_err)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| lock_err(std::io::Error::from(errno)))
 }
 
 fn to_json(record: &VmRecord) -> String {

@@ -31,16 +31,25 @@ pub fn check_and_migrate(conn: &Connection, path: &Path) -> Result<(), StoreErro
         path: path.to_path_buf(),
         what,
     };
-    let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |row| row.get(0))
-        .map_err(|err| match err {
-            rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::NotADatabase => {
-                foreign("not an SQLite database".into())
-            }
-            other => StoreError::Query(other),
-        })?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+    // One read transaction, so the three facts come from one snapshot: a
+    // process migrating a new store at the same moment must not be seen
+    // half-done (tables there, application id not yet).
+    let not_a_database = |err: rusqlite::Error| match err {
+        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::NotADatabase => {
+            foreign("not an SQLite database".into())
+        }
+        other => StoreError::Query(other),
+    };
+    conn.execute_batch("BEGIN").map_err(not_a_database)?;
+    let snapshot = (|| {
+        let app_id: i64 = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let tables: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+        Ok::<_, rusqlite::Error>((app_id, version, tables))
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    let (app_id, version, tables) = snapshot.map_err(not_a_database)?;
     if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
         return Err(foreign(format!(
             "an SQLite database of another program (application id {app_id:#x}, {tables} schema objects)"
@@ -53,7 +62,10 @@ pub fn check_and_migrate(conn: &Connection, path: &Path) -> Result<(), StoreErro
             supported: SCHEMA_VERSION,
         });
     }
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     if version == SCHEMA_VERSION {
         return Ok(());
