@@ -21,7 +21,7 @@ install: deps
 	$(CARGO) install --locked --path crates/hangar-cli
 
 bench: build
-	./target/release/hangar bench boot --runs 10 && ./target/release/hangar bench store
+	./target/release/hangar bench boot --runs 10 && ./target/release/hangar bench exec && ./target/release/hangar bench store
 
 lint:
 	$(CARGO) fmt --all -- --check
