@@ -14,6 +14,25 @@ pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
+/// An exclusive `flock` on `path` (created 0600), held until the returned
+/// value drops; the kernel releases it if the process dies. `wait` blocks
+/// for a holder; otherwise a held lock is `WouldBlock`.
+pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    let how = if wait {
+        nix::fcntl::FlockArg::LockExclusive
+    } else {
+        nix::fcntl::FlockArg::LockExclusiveNonblock
+    };
+    nix::fcntl::Flock::lock(file, how).map_err(|(_, errno)| std::io::Error::from(errno))
+}
+
 /// `std::fs::write` with mode 0600.
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     create_private(path)?.write_all(data)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use hangar_proto::{
     ExecRequest, ExitStatus, Frame, FrameError, FrameKind, FrameReader, GuestFacts, GuestMessage,
@@ -391,14 +391,5 @@ fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mut
 /// An exclusive, non-blocking lock on `<socket>.lock`, or None if another
 /// process holds it.
 fn try_lock(socket: &Path) -> Option<Flock<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = socket.with_extension("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .ok()?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
+    crate::fsutil::lock_file(&socket.with_extension("lock"), false).ok()
 }

@@ -65,15 +65,7 @@ impl Manager {
                 format!("start interrupted (hangar process {owner_pid} died before the guest was ready)"),
             )
         };
-        let observed = (record.state, record.owner);
-        self.store.update(&record.id, |r| {
-            if (r.state, r.owner) != observed {
-                return Ok(());
-            }
-            super::lifecycle::transition(r, state, "record its end")?;
-            r.mark_ended(state, reason, console);
-            Ok::<_, ManagerError>(())
-        })
+        self.record_end_if_unchanged(record, state, reason, console)
     }
 
     fn record_death(&mut self, record: &VmRecord) -> Result<VmRecord, ManagerError> {
@@ -95,11 +87,22 @@ impl Manager {
                 format!("the VMM process {pid} exited unexpectedly (killed or crashed){detail}"),
             )
         };
-        let observed = (record.state, record.pid);
+        self.record_end_if_unchanged(record, state, reason, console)
+    }
+
+    /// Records the end of the VM as `record` showed it. Another process may
+    /// have acted since we looked (state, pid or owner changed): then what
+    /// we saw is stale and nothing is written.
+    fn record_end_if_unchanged(
+        &mut self,
+        record: &VmRecord,
+        state: VmState,
+        reason: String,
+        console: Vec<String>,
+    ) -> Result<VmRecord, ManagerError> {
+        let observed = (record.state, record.pid, record.owner);
         self.store.update(&record.id, |r| {
-            // Another process may have acted since we looked: only record
-            // the death we saw.
-            if (r.state, r.pid) != observed {
+            if (r.state, r.pid, r.owner) != observed {
                 return Ok(());
             }
             super::lifecycle::transition(r, state, "record its end")?;

@@ -300,19 +300,10 @@ impl Store {
 
 fn open_lock(db: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
     let path = db.with_extension("lock");
-    let lock_err = |err: std::io::Error| StoreError::Open {
-        path: path.clone(),
+    crate::fsutil::lock_file(&path, true).map_err(|err| StoreError::Open {
+        path,
         source: rusqlite::Error::InvalidPath(err.to_string().into()),
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(lock_err)?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| lock_err(std::io::Error::from(errno)))
+    })
 }
 
 fn to_json(record: &VmRecord) -> String {

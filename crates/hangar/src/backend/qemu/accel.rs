@@ -66,7 +66,7 @@ pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> 
     let cache_file = cache_dir.join("accel.json");
     let lock_path = cache_dir.join("accel.lock");
     // Hold the lock across read-probe-write so concurrent processes probe once.
-    let _lock = lock_file(&lock_path);
+    let _lock = crate::fsutil::lock_file(&lock_path, true).ok();
     if let Some(choice) = read_cache(&cache_file, &key) {
         return choice;
     }
@@ -92,18 +92,6 @@ pub fn choose(cache_dir: &Path, inputs: &ProbeInputs, forced: Option<Accel>) -> 
         let _ = crate::fsutil::write_atomic(&cache_file, &json);
     }
     choice
-}
-
-fn lock_file(path: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .ok()?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).ok()
 }
 
 fn read_cache(path: &Path, key: &str) -> Option<AccelChoice> {
