@@ -11,6 +11,9 @@ use hangar_proto::{ExecRequest, Frame, FrameKind, GuestMessage};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
+use std::fs::File;
+
+use crate::pty::Pty;
 use crate::reaper::Reaper;
 use crate::session::{self, Sender, Table};
 
@@ -59,57 +62,100 @@ fn run(job: Job) {
         });
         return;
     };
+    let fail = |message: String| {
+        forget();
+        sender.send_message(&GuestMessage::ExecFailed { id, message });
+    };
     let mut command = Command::new(program);
     command
         .args(args)
         .env("PATH", crate::init::DEFAULT_PATH)
-        .envs(request.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(request.cwd.as_deref().unwrap_or("/"))
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(request.cwd.as_deref().unwrap_or("/"));
+    if let Some(spec) = &request.user {
+        match crate::user::lookup(spec) {
+            Ok(identity) => crate::user::apply(&mut command, &identity),
+            Err(message) => return fail(message),
+        }
+    }
+    if request.tty.is_some() {
+        command.env("TERM", "xterm");
+    }
+    command.envs(request.env.iter().map(|(k, v)| (k, v)));
+    let pty = match request.tty.map(Pty::open).transpose() {
+        Ok(pty) => pty,
+        Err(err) => return fail(format!("cannot open a pseudo-terminal: {err}")),
+    };
+    let wired = match &pty {
+        Some(pty) => pty.attach(&mut command),
+        None => {
+            command
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            Ok(())
+        }
+    };
+    if let Err(err) = wired {
+        return fail(format!("cannot set up the terminal: {err}"));
+    }
 
     let mut guard = reaper.lock();
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The command holds the terminal side now; the agent's copies must go,
+    // or reading the controller would never see the command's end.
+    drop(command);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
             drop(guard);
-            forget();
             let cwd = request.cwd.as_deref().unwrap_or("/");
-            let message = if std::path::Path::new(cwd).is_dir() {
+            return fail(if std::path::Path::new(cwd).is_dir() {
                 format!("{program}: {err}")
             } else {
                 format!("working directory {cwd} does not exist in the guest")
-            };
-            sender.send_message(&GuestMessage::ExecFailed { id, message });
-            return;
+            });
         }
     };
     let pid = child.id();
     let exit_rx = Reaper::register(&mut guard, pid);
     drop(guard);
+    let controller = pty.map(|pty| Arc::new(pty.controller));
     if let Some(entry) = session::lock(&table).get_mut(&id) {
         entry.pid = Some(pid);
+        entry.tty.clone_from(&controller);
     }
-    if let (Some(pipe), Some(queue)) = (child.stdin.take(), stdin) {
-        write_stdin(pipe, queue);
-    }
-    sender.send_message(&GuestMessage::ExecStarted { id, pid });
-
-    let pumps = [
-        child
-            .stdout
-            .take()
-            .map(|out| pump(out, FrameKind::Stdout, id, &sender)),
-        child
-            .stderr
-            .take()
-            .map(|err| pump(err, FrameKind::Stderr, id, &sender)),
-    ];
+    let pumps = match controller {
+        Some(controller) => {
+            if let Some(queue) = stdin {
+                write_terminal(Arc::clone(&controller), queue);
+            }
+            sender.send_message(&GuestMessage::ExecStarted { id, pid });
+            [
+                Some(pump(SharedFile(controller), FrameKind::Stdout, id, &sender)),
+                None,
+            ]
+        }
+        None => {
+            if let (Some(pipe), Some(queue)) = (child.stdin.take(), stdin) {
+                write_stdin(pipe, queue);
+            }
+            sender.send_message(&GuestMessage::ExecStarted { id, pid });
+            [
+                child
+                    .stdout
+                    .take()
+                    .map(|out| pump(out, FrameKind::Stdout, id, &sender)),
+                child
+                    .stderr
+                    .take()
+                    .map(|err| pump(err, FrameKind::Stderr, id, &sender)),
+            ]
+        }
+    };
     let status = loop {
         match exit_rx.recv_timeout(Duration::from_secs(3600)) {
             Ok(status) => break status,
@@ -136,6 +182,35 @@ fn write_stdin(mut pipe: std::process::ChildStdin, queue: mpsc::Receiver<Vec<u8>
             }
         }
     });
+}
+
+/// Writes queued stdin into a terminal. When the host closes stdin the
+/// terminal stays open (it carries the output); an end-of-file character
+/// tells a reading shell that input ended, as at a real terminal.
+fn write_terminal(controller: Arc<File>, queue: mpsc::Receiver<Vec<u8>>) {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut terminal = &*controller;
+        for chunk in queue {
+            if terminal.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = terminal.write_all(&[EOF_CHARACTER]);
+    });
+}
+
+/// Ctrl-D, the default VEOF of a new terminal.
+const EOF_CHARACTER: u8 = 0x04;
+
+/// Reads through a shared file (the terminal's controller side, also used
+/// for input and resizes).
+struct SharedFile(Arc<File>);
+
+impl Read for SharedFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.0).read(buf)
+    }
 }
 
 /// An output pipe being forwarded, with a count of chunks sent so far.

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use hangar_proto::{
-    Frame, FrameError, FrameKind, FrameReader, GuestMessage, HostMessage, PROTOCOL_VERSION,
+    Frame, FrameError, FrameKind, FrameReader, GuestMessage, HostMessage, TtySize, PROTOCOL_VERSION,
 };
 
 use crate::port::AgentPort;
@@ -45,6 +45,8 @@ impl Sender {
 pub struct Running {
     pub pid: Option<u32>,
     pub stdin: Option<mpsc::SyncSender<Vec<u8>>>,
+    /// The terminal's controller side, for resizes (`exec -t`).
+    pub tty: Option<Arc<File>>,
 }
 
 /// How long to sleep while no host is connected.
@@ -125,6 +127,7 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table,
                 Running {
                     pid: None,
                     stdin: feed,
+                    tty: None,
                 },
             );
             let job = crate::exec::Job {
@@ -153,6 +156,27 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table,
                 }
             }
         }
+        HostMessage::Resize { id, rows, cols } => {
+            let tty = lock(table).get(&id).and_then(|r| r.tty.clone());
+            if let Some(tty) = tty {
+                if let Err(err) = crate::pty::resize(&tty, TtySize { rows, cols }) {
+                    crate::log(&format!("resize exec {id}: {err}"));
+                }
+            }
+        }
+        HostMessage::CopyIn { id, path } => {
+            let (feed, queue) = mpsc::sync_channel(STDIN_QUEUE);
+            lock(table).insert(
+                id,
+                Running {
+                    pid: None,
+                    stdin: Some(feed),
+                    tty: None,
+                },
+            );
+            crate::copy::copy_in(id, path, queue, sender.clone(), Arc::clone(table));
+        }
+        HostMessage::CopyOut { id, path } => crate::copy::copy_out(id, path, sender.clone()),
         HostMessage::Shutdown { reboot } => shutdown(reboot, is_init),
     }
 }

@@ -70,6 +70,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running VM.
     Exec(ExecArgs),
+    /// Copy files between the host and a VM: `cp SRC VM:DST` or
+    /// `cp VM:SRC DST` (directories, modes and symlinks kept).
+    Cp(CpArgs),
     /// Clean up after crashes: orphan VMM processes and work dirs, VMs of
     /// `run`s that died, interrupted starts and stops.
     Gc,
@@ -128,6 +131,13 @@ pub struct CommandArgs {
     /// Pass this terminal's stdin to the command (otherwise /dev/null).
     #[arg(long, short = 'i')]
     pub interactive: bool,
+    /// Give the command a pseudo-terminal (with -i: this terminal in raw
+    /// mode, its size followed).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// Run as USER[:GROUP] (names or numeric ids, as in the guest).
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -242,6 +252,17 @@ pub struct ExecArgs {
     pub vm: VmArg,
     #[command(flatten)]
     pub command: CommandArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// A host path, or VM:PATH in a VM.
+    pub source: String,
+    /// A host path, or VM:PATH in a VM.
+    pub dest: String,
+    /// Namespace of the VM.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,10 @@ namespace = "NS"
 [[vm]]
 name = "web"
 [[vm.provision]]
-run = ["sh", "-c", "echo provisioned > /run/marker"]
+copy = "site"
+to = "/run/site"
+[[vm.provision]]
+run = ["sh", "-c", "cat /run/site/index.html > /run/marker"]
 [[vm]]
 name = "db"
 "#;
@@ -39,6 +42,8 @@ fn up_acts_only_on_what_changed_and_down_removes_all() {
     }
     let _down = Down(state, file_arg.to_owned());
 
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/index.html"), "provisioned\n").unwrap();
     write(TWO_VMS);
     let out = ok(&hangar(state, &["up", "-f", file_arg]));
     assert!(
@@ -69,6 +74,20 @@ fn up_acts_only_on_what_changed_and_down_removes_all() {
         "{out}"
     );
     assert_eq!(pid_of(state, &ns, "web"), web_pid);
+
+    // An edited file of a copy step changes the entry: web is replaced and
+    // provisioned with the new content.
+    std::fs::write(dir.join("site/index.html"), "edited\n").unwrap();
+    let out = ok(&hangar(state, &["up", "-f", file_arg]));
+    assert!(
+        out.contains("web: replaced") && out.contains("db: unchanged"),
+        "{out}"
+    );
+    let marker = ok(&hangar(
+        state,
+        &["exec", "-n", &ns, "web", "--", "cat", "/run/marker"],
+    ));
+    assert_eq!(marker, "edited\n");
 
     write("namespace = \"NS\"\n[[vm]]\nname = \"db\"\nmemory = \"320M\"\n");
     let out = ok(&hangar(state, &["up", "-f", file_arg]));

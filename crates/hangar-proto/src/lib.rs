@@ -19,13 +19,18 @@
 
 mod frame;
 mod message;
+pub mod transfer;
 
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FrameReader, MAGIC, MAX_PAYLOAD};
-pub use message::{ExecRequest, ExitStatus, GuestFacts, GuestMessage, HostMessage};
+pub use message::{
+    CopySummary, ExecRequest, ExitStatus, GuestFacts, GuestMessage, HostMessage, TtySize,
+};
 
 /// Version of the wire format. Bump on any incompatible change.
 /// 2: stdin frames, `CloseStdin`, `Signal`, `ExecRequest::stdin`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `user` and `tty` in `ExecRequest`, `Resize`, `CopyIn`/`CopyOut`/
+///    `CopyDone` (file copy as a tar stream), boot time in the facts.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// How many virtio-serial ports the agent serves. A QEMU socket chardev
 /// takes one host connection at a time, so each port is one concurrent host

@@ -20,6 +20,39 @@ pub struct ExecRequest {
     /// otherwise the command's stdin is /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run as this user: `name`, `uid`, `name:group` or `uid:gid`, like
+    /// `docker exec -u`; names are looked up in the guest's /etc/passwd and
+    /// /etc/group. Root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Give the command a pseudo-terminal of this size as stdin, stdout
+    /// and stderr (its output then arrives as stdout only, like `docker
+    /// exec -t`); pipes when absent.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl Default for TtySize {
+    fn default() -> Self {
+        Self { rows: 24, cols: 80 }
+    }
+}
+
+/// What a finished copy moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySummary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of regular file content.
+    pub bytes: u64,
 }
 
 /// How a guest process ended.
@@ -51,9 +84,14 @@ pub struct GuestFacts {
     pub uptime_ms: u64,
     /// Agent build version (the crate version).
     pub agent_version: String,
-    /// Non-loopback IPv4/IPv6 addresses, `addr/prefix`.
+    /// Non-loopback IPv4/IPv6 addresses, `addr/prefix`, with their
+    /// interface: `eth0 10.0.2.15/24`.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// When the guest kernel started, by the guest's clock (milliseconds
+    /// since the Unix epoch).
+    #[serde(default)]
+    pub boot_time_unix_ms: u64,
 }
 
 /// Host to guest.
@@ -69,6 +107,15 @@ pub enum HostMessage {
     CloseStdin { id: u32 },
     /// Sends signal number `signal` to the command `id`.
     Signal { id: u32, signal: i32 },
+    /// The terminal of the command `id` (started with `tty`) changed size.
+    Resize { id: u32, rows: u16, cols: u16 },
+    /// Writes files into the guest at `path`: the host sends a tar stream
+    /// (see `transfer`) as stdin frames on stream `id`, then `CloseStdin`.
+    /// Answered by `CopyDone`.
+    CopyIn { id: u32, path: String },
+    /// Reads `path` from the guest: the agent sends a tar stream as stdout
+    /// frames on stream `id`, then `CopyDone`.
+    CopyOut { id: u32, path: String },
     /// Flushes filesystems and powers the guest off (or reboots it).
     Shutdown { reboot: bool },
 }
@@ -90,6 +137,13 @@ pub enum GuestMessage {
     ExecFailed { id: u32, message: String },
     /// The command `id` ended; all its output frames precede this message.
     ExecExited { id: u32, status: ExitStatus },
+    /// The copy `id` ended: `error` is None when every entry was written
+    /// (`CopyIn`) or sent (`CopyOut`).
+    CopyDone {
+        id: u32,
+        error: Option<String>,
+        summary: CopySummary,
+    },
     /// The host's hello named a version this agent does not speak.
     VersionMismatch { agent: u32, host: u32 },
     /// A request could not be understood; the session goes on.
@@ -152,6 +206,11 @@ mod tests {
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/tmp".into()),
                 stdin: true,
+                user: Some("nobody".into()),
+                tty: Some(TtySize {
+                    rows: 50,
+                    cols: 132,
+                }),
             },
         };
         assert_eq!(HostMessage::from_frame(&exec.to_frame()).unwrap(), exec);

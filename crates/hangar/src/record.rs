@@ -203,6 +203,10 @@ pub struct VmRecord {
     /// and `gc` removes it once the process is gone.
     #[serde(default)]
     pub ephemeral_for: Option<ProcessRef>,
+    /// What the guest agent reported when the VM last became ready
+    /// (kernel, hostname, addresses, boot time).
+    #[serde(default)]
+    pub guest: Option<hangar_proto::GuestFacts>,
 }
 
 fn schema_one() -> u32 {
@@ -247,6 +251,7 @@ impl VmRecord {
             snapshot_ids: Vec::new(),
             owner: None,
             ephemeral_for: None,
+            guest: None,
         }
     }
 

@@ -9,8 +9,16 @@
 //! memory = "512M"
 //! labels = { role = "web" }
 //! [[vm.provision]]
+//! copy = "site"                   # a host file or directory, relative to this file
+//! to = "/srv/site"
+//! [[vm.provision]]
 //! run = ["sh", "-c", "echo ready > /run/web"]
 //! ```
+//!
+//! A step either runs a command through the agent (`run`, with optional
+//! `env` and `workdir`) or copies a host path into the guest (`copy` and
+//! `to`, with `hangar cp`'s rules). The content of copied paths is part of
+//! the entry's hash, so `up` notices an edited file.
 //!
 //! TOML, JSON or YAML by extension, like spec files. Unknown fields are
 //! refused, every error names the file and the VM.
@@ -28,15 +36,43 @@ pub const MANAGED_LABEL: &str = "hangar.up";
 /// Label holding the hash of the entry a VM was made from.
 pub const HASH_LABEL: &str = "hangar.up.hash";
 
-/// One command run through the agent after the VM boots.
+/// One step after the VM boots: a command run through the agent, or a host
+/// path copied in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionStep {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Host path to copy in; relative paths are taken from the up file's
+    /// directory (resolved when the file is read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<PathBuf>,
+    /// Guest destination of `copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+impl ProvisionStep {
+    /// Exactly one kind of step, with only its own fields.
+    fn check(&self) -> Result<(), String> {
+        match (&self.run.is_empty(), &self.copy, &self.to) {
+            (false, None, None) => Ok(()),
+            (true, Some(_), Some(to)) if !to.is_empty() => {
+                if self.env.is_empty() && self.workdir.is_none() {
+                    Ok(())
+                } else {
+                    Err("a `copy` step takes only `copy` and `to`".into())
+                }
+            }
+            (true, Some(_), _) => Err("a `copy` step needs `to`, the guest path".into()),
+            (true, None, _) => Err("a step needs `run` (a command) or `copy` and `to`".into()),
+            (false, _, _) => Err("a step has either `run` or `copy`, not both".into()),
+        }
+    }
 }
 
 /// One VM of the file.
@@ -93,7 +129,69 @@ pub fn read_up_file(path: &Path) -> Result<UpFile, UpFileError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_up_file(path, &text)
+    let mut file = parse_up_file(path, &text)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for (index, vm) in file.vms.iter_mut().enumerate() {
+        resolve_copies(vm, base).map_err(|message| UpFileError::Vm {
+            path: path.to_path_buf(),
+            index: index + 1,
+            message,
+        })?;
+    }
+    Ok(file)
+}
+
+/// Makes `copy` paths absolute (from the up file's directory), checks they
+/// exist, and folds their content into the entry's hash.
+fn resolve_copies(vm: &mut UpVm, base: &Path) -> Result<(), String> {
+    let mut hasher = Sha256::new();
+    let mut any = false;
+    for (number, step) in vm.provision.iter_mut().enumerate() {
+        let Some(copy) = &step.copy else { continue };
+        let absolute = if copy.is_absolute() {
+            copy.clone()
+        } else {
+            base.join(copy)
+        };
+        hash_tree(&absolute, &mut hasher).map_err(|e| {
+            format!(
+                "provision step {}: copy {}: {e}",
+                number + 1,
+                absolute.display()
+            )
+        })?;
+        step.copy = Some(absolute);
+        any = true;
+    }
+    if any {
+        hasher.update(vm.hash.as_bytes());
+        let hash = hex::encode(&hasher.finalize()[..8]);
+        vm.spec.labels.insert(HASH_LABEL.into(), hash.clone());
+        vm.hash = hash;
+    }
+    Ok(())
+}
+
+/// Feeds names, kinds, modes, link targets and contents under `path` (not
+/// following symlinks) into `hasher`.
+fn hash_tree(path: &Path, hasher: &mut Sha256) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    hasher.update(path.as_os_str().as_encoded_bytes());
+    hasher.update(meta.permissions().mode().to_le_bytes());
+    if meta.file_type().is_symlink() {
+        hasher.update(std::fs::read_link(path)?.as_os_str().as_encoded_bytes());
+    } else if meta.is_dir() {
+        let mut children = std::fs::read_dir(path)?.collect::<Result<Vec<_>, _>>()?;
+        children.sort_by_key(std::fs::DirEntry::file_name);
+        for child in children {
+            hash_tree(&child.path(), hasher)?;
+        }
+    } else {
+        let mut file = std::fs::File::open(path)?;
+        std::io::copy(&mut file, hasher)?;
+    }
+    Ok(())
 }
 
 pub fn parse_up_file(path: &Path, text: &str) -> Result<UpFile, UpFileError> {
@@ -146,8 +244,9 @@ fn entry(value: serde_json::Value, namespace: &str) -> Result<UpVm, String> {
         Some(steps) => serde_json::from_value(steps).map_err(|e| format!("provision: {e}"))?,
         None => Vec::new(),
     };
-    if provision.iter().any(|step| step.run.is_empty()) {
-        return Err("provision: a step's `run` needs a program".into());
+    for (number, step) in provision.iter().enumerate() {
+        step.check()
+            .map_err(|e| format!("provision step {}: {e}", number + 1))?;
     }
     match fields.get("namespace").and_then(|v| v.as_str()) {
         Some(ns) if ns != namespace => {
@@ -229,6 +328,42 @@ name = "db"
         );
         let step = "[[vm]]\nname = \"a\"\n[[vm.provision]]\ncopy = \"x\"\n";
         let err = parse_up_file(Path::new("f.toml"), step).unwrap_err();
-        assert!(err.to_string().contains("provision"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("provision step 1: a `copy` step needs `to`"),
+            "{err}"
+        );
+        let both =
+            "[[vm]]\nname = \"a\"\n[[vm.provision]]\ncopy = \"x\"\nto = \"/x\"\nrun = [\"true\"]\n";
+        let err = parse_up_file(Path::new("f.toml"), both).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let empty = "[[vm]]\nname = \"a\"\n[[vm.provision]]\nenv = { A = \"b\" }\n";
+        let err = parse_up_file(Path::new("f.toml"), empty).unwrap_err();
+        assert!(err.to_string().contains("needs `run`"), "{err}");
+    }
+
+    #[test]
+    fn copy_paths_resolve_from_the_file_and_their_content_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("site.txt"), b"v1").unwrap();
+        let file = dir.path().join("hangar.toml");
+        std::fs::write(
+            &file,
+            "[[vm]]\nname = \"a\"\n[[vm.provision]]\ncopy = \"site.txt\"\nto = \"/srv/\"\n",
+        )
+        .unwrap();
+        let first = read_up_file(&file).unwrap();
+        let step = &first.vms[0].provision[0];
+        assert_eq!(
+            step.copy.as_deref(),
+            Some(dir.path().join("site.txt").as_path())
+        );
+        std::fs::write(dir.path().join("site.txt"), b"v2").unwrap();
+        let second = read_up_file(&file).unwrap();
+        assert_ne!(first.vms[0].hash, second.vms[0].hash);
+        assert_eq!(second.vms[0].spec.labels[HASH_LABEL], second.vms[0].hash);
+        std::fs::remove_file(dir.path().join("site.txt")).unwrap();
+        let err = read_up_file(&file).unwrap_err();
+        assert!(err.to_string().contains("provision step 1: copy"), "{err}");
     }
 }

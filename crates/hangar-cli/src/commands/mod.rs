@@ -5,6 +5,7 @@ mod bench;
 mod bench_exec;
 mod console;
 mod control;
+mod copy;
 mod lifecycle;
 mod run;
 mod show;
@@ -20,6 +21,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(global, args),
         Command::Exec(args) => run::exec(global, args),
+        Command::Cp(args) => copy::cp(global, args),
         Command::Create(args) => lifecycle::create(global, args),
         Command::Start(args) => lifecycle::start(global, args),
         Command::Stop(args) => lifecycle::stop(global, args),

@@ -7,6 +7,7 @@ use super::{exit_code, open, parse_env, spec_from};
 
 use crate::cli::{CommandArgs, ExecArgs, Global, RunArgs};
 use crate::output::{print_json, Spinner, StdioSink};
+use crate::terminal::{self, RawMode};
 
 pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let id = hangar::manager::new_id()?;
@@ -15,12 +16,14 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
     super::note_accelerator(&mut manager, global)?;
+    let raw = raw_mode_for(&request, &io)?;
     let spinner = Spinner::start("booting VM", global.json);
     let mut sink = BootThenStream {
         spinner: Some(spinner),
         inner: StdioSink,
     };
     let outcome = manager.run(spec, request, io, &mut sink, args.keep);
+    drop(raw);
     if let Some(spinner) = sink.spinner.take() {
         spinner.finish();
     }
@@ -38,14 +41,26 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
 pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
     let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
+    let raw = raw_mode_for(&request, &io)?;
     let status = manager.exec(
         args.vm.namespace.as_deref(),
         &args.vm.vm,
         request,
         io,
         &mut StdioSink,
-    )?;
-    Ok(exit_code(status))
+    );
+    drop(raw);
+    Ok(exit_code(status?))
+}
+
+/// `-it` on a terminal: keys go to the guest's terminal as typed (Ctrl-C
+/// included, which the guest's terminal turns into SIGINT).
+fn raw_mode_for(request: &ExecRequest, io: &ExecIo) -> anyhow::Result<Option<RawMode>> {
+    if request.tty.is_some() && io.stdin.is_some() {
+        RawMode::enter_if_terminal()
+    } else {
+        Ok(None)
+    }
 }
 
 fn exec_request(command: CommandArgs) -> anyhow::Result<(ExecRequest, ExecIo)> {
@@ -54,12 +69,17 @@ fn exec_request(command: CommandArgs) -> anyhow::Result<(ExecRequest, ExecIo)> {
         argv: command.argv,
         cwd: command.workdir,
         stdin: command.interactive,
+        user: command.user,
+        tty: command.tty.then(|| terminal::size().unwrap_or_default()),
     };
     let io = ExecIo {
         stdin: command
             .interactive
             .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
         timeout: command.timeout.map(std::time::Duration::from_secs),
+        tty_size: command
+            .tty
+            .then(|| Box::new(terminal::size) as hangar::guest::TtySizeSource),
     };
     Ok((request, io))
 }

@@ -1,5 +1,6 @@
 //! The host side of `hangar-proto`: wait for the agent's hello, run commands
-//! with streamed output, ask the guest to power off.
+//! with streamed output (`exec`), copy files (`copy`), ask the guest to
+//! power off.
 //!
 //! Never hangs: every read has [`POLL_INTERVAL`] as its timeout, and between
 //! reads the caller's `check` says whether to go on (the VMM is still alive,
@@ -14,9 +15,14 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::Flock;
 
+mod copy;
+mod exec;
+
+pub use exec::{ExecEvent, ExecIo, ExecStream, TtySizeSource};
+
 use hangar_proto::{
-    ExecRequest, ExitStatus, Frame, FrameError, FrameKind, FrameReader, GuestFacts, GuestMessage,
-    HostMessage, PROTOCOL_VERSION,
+    Frame, FrameError, FrameKind, FrameReader, GuestFacts, GuestMessage, HostMessage,
+    PROTOCOL_VERSION,
 };
 
 /// How often a blocked read wakes up to run the caller's check.
@@ -72,33 +78,13 @@ pub enum GuestError {
     ExecFailed { message: String },
     #[error("the command did not finish within {after:?} and was killed")]
     ExecTimeout { after: Duration },
+    #[error("copy failed in the guest: {message}")]
+    CopyFailed { message: String },
+    #[error(transparent)]
+    Transfer(#[from] hangar_proto::transfer::TransferError),
     #[error("all {ports} agent ports stayed busy for {waited:?} (other hangar processes are using them)")]
     PortsBusy { ports: usize, waited: Duration },
 }
-
-/// How a command gets its input and how long it may run.
-#[derive(Default)]
-pub struct ExecIo {
-    /// Piped to the command's stdin (and closed at its end); None gives the
-    /// command /dev/null.
-    pub stdin: Option<Box<dyn std::io::Read + Send>>,
-    /// Killed (SIGKILL) after this long.
-    pub timeout: Option<Duration>,
-}
-
-impl std::fmt::Debug for ExecIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExecIo")
-            .field("stdin", &self.stdin.is_some())
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-/// After a timeout's SIGKILL, how long the exit report may take.
-const KILL_REPORT_WAIT: Duration = Duration::from_secs(5);
-const SIGINT: i32 = 2;
-const SIGKILL: i32 = 9;
 
 /// What the caller's check returns between reads: go on, or stop with a
 /// reason (VMM died, user interrupted).
@@ -235,88 +221,20 @@ impl AgentClient {
         }
     }
 
+    /// A fresh id for an exec or copy of this session.
+    pub(crate) fn allocate_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(2);
+        id
+    }
+
+    pub(crate) fn writer(&self) -> Arc<Mutex<UnixStream>> {
+        Arc::clone(&self.writer)
+    }
+
     /// What the agent said about the guest.
     pub fn facts(&self) -> &GuestFacts {
         &self.facts
-    }
-
-    /// Runs `request`, streaming its output to `sink`, until it exits.
-    pub fn exec(
-        &mut self,
-        request: ExecRequest,
-        sink: &mut dyn OutputSink,
-        check: Check<'_>,
-    ) -> Result<ExitStatus, GuestError> {
-        self.exec_with(request, ExecIo::default(), sink, check)
-    }
-
-    /// Like [`AgentClient::exec`], with stdin and a time limit. Ctrl-C
-    /// (the process-wide interrupt flag) is forwarded as SIGINT to the
-    /// command, which decides what it means.
-    pub fn exec_with(
-        &mut self,
-        mut request: ExecRequest,
-        io: ExecIo,
-        sink: &mut dyn OutputSink,
-        check: Check<'_>,
-    ) -> Result<ExitStatus, GuestError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(2);
-        request.stdin = io.stdin.is_some();
-        self.send(&HostMessage::Exec { id, request })?;
-        if let Some(input) = io.stdin {
-            pump_stdin(id, input, Arc::clone(&self.writer));
-        }
-        let started = Instant::now();
-        let mut killed_at: Option<Instant> = None;
-        let mut last_check = Instant::now();
-        loop {
-            // Checks run at least every POLL_INTERVAL, also while output
-            // floods in without pause.
-            let frame = self.next_frame()?;
-            let check_due = frame.is_none() || last_check.elapsed() >= POLL_INTERVAL;
-            if let Some(frame) = frame {
-                if frame.stream == id && frame.kind == FrameKind::Stdout {
-                    sink.on_stdout(&frame.payload);
-                } else if frame.stream == id && frame.kind == FrameKind::Stderr {
-                    sink.on_stderr(&frame.payload);
-                } else if frame.kind == FrameKind::Guest {
-                    match GuestMessage::from_frame(&frame) {
-                        Ok(GuestMessage::ExecExited { id: done, status }) if done == id => {
-                            return match (killed_at, io.timeout) {
-                                (Some(_), Some(after)) => Err(GuestError::ExecTimeout { after }),
-                                _ => Ok(status),
-                            };
-                        }
-                        Ok(GuestMessage::ExecFailed { id: done, message }) if done == id => {
-                            return Err(GuestError::ExecFailed { message })
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            if !check_due {
-                continue;
-            }
-            last_check = Instant::now();
-            if crate::interrupt::take() {
-                self.send(&HostMessage::Signal { id, signal: SIGINT })?;
-            }
-            match (io.timeout, killed_at) {
-                (Some(after), None) if started.elapsed() >= after => {
-                    self.send(&HostMessage::Signal {
-                        id,
-                        signal: SIGKILL,
-                    })?;
-                    killed_at = Some(Instant::now());
-                }
-                (Some(after), Some(at)) if at.elapsed() >= KILL_REPORT_WAIT => {
-                    return Err(GuestError::ExecTimeout { after });
-                }
-                _ => {}
-            }
-            check().map_err(|reason| GuestError::Aborted { reason })?;
-        }
     }
 
     /// Asks the guest to power off; does not wait for it.
@@ -324,7 +242,7 @@ impl AgentClient {
         self.send(&HostMessage::Shutdown { reboot: false })
     }
 
-    fn send(&mut self, message: &HostMessage) -> Result<(), GuestError> {
+    pub(crate) fn send(&mut self, message: &HostMessage) -> Result<(), GuestError> {
         let frame = message.to_frame();
         self.write_frame(&frame)
     }
@@ -338,7 +256,7 @@ impl AgentClient {
 
     /// The next frame, or None when the poll interval passed without one.
     /// Undecodable frames are skipped (the reader resynchronises).
-    fn next_frame(&mut self) -> Result<Option<Frame>, GuestError> {
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, GuestError> {
         match self.reader.read_frame() {
             Ok(frame) => Ok(Some(frame)),
             Err(FrameError::Io(err))
@@ -358,34 +276,9 @@ impl AgentClient {
     }
 }
 
-fn write_locked(writer: &Mutex<UnixStream>, frame: &Frame) -> std::io::Result<()> {
+pub(crate) fn write_locked(writer: &Mutex<UnixStream>, frame: &Frame) -> std::io::Result<()> {
     let mut stream = writer.lock().unwrap_or_else(|poison| poison.into_inner());
     stream.write_all(&frame.encode())
-}
-
-/// Sends `input` to the command `id` as stdin frames, then closes its
-/// stdin. Runs on its own thread so a slow reader never stalls output; it
-/// ends with its input or when the channel breaks.
-fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mutex<UnixStream>>) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let frame = Frame {
-                        kind: FrameKind::Stdin,
-                        stream: id,
-                        payload: buf[..n].to_vec(),
-                    };
-                    if write_locked(&writer, &frame).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = write_locked(&writer, &HostMessage::CloseStdin { id }.to_frame());
-    });
 }
 
 /// An exclusive, non-blocking lock on `<socket>.lock`, or None if another

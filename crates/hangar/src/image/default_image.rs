@@ -374,8 +374,12 @@ fn write_initramfs(
         // mounted, so the node must exist in the archive.
         cpio.char_device("dev/console", 0o600, 5, 1)?;
         cpio.file("init", 0o755, super::agent::AGENT_BINARY)?;
-        cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
-        cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
+        cpio.file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
+        cpio.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
         cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
         let busybox = std::fs::read(BUSYBOX)?;
         cpio.file("bin/busybox", 0o755, &busybox)?;

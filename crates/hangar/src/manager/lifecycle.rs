@@ -114,7 +114,7 @@ impl Manager {
             }
         };
         if record.backend == BackendKind::Noop {
-            let record = self.mark_running(&id)?;
+            let record = self.mark_running(&id, None)?;
             return Ok((record, None));
         }
         let timeout = match plan.accel {
@@ -126,7 +126,7 @@ impl Manager {
         let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, pid_start);
         match AgentClient::connect_any(&sockets, timeout, timeout, &mut check) {
-            Ok(client) => match self.mark_running(&id) {
+            Ok(client) => match self.mark_running(&id, Some(client.facts().clone())) {
                 Ok(record) => Ok((record, Some(client))),
                 Err(err) => {
                     // Stopped or removed by someone else meanwhile.
@@ -153,11 +153,16 @@ impl Manager {
         }
     }
 
-    fn mark_running(&mut self, id: &str) -> Result<VmRecord, ManagerError> {
+    fn mark_running(
+        &mut self,
+        id: &str,
+        facts: Option<hangar_proto::GuestFacts>,
+    ) -> Result<VmRecord, ManagerError> {
         self.store.update(id, |r| {
             transition(r, VmState::Running, "mark it running")?;
             r.owner = None;
             r.first_booted = true;
+            r.guest = facts;
             Ok::<_, ManagerError>(())
         })
     }

@@ -2,6 +2,7 @@
 //! call one method, and print.
 
 mod control;
+mod copy;
 mod error;
 mod filter;
 mod gc;

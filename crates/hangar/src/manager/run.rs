@@ -34,12 +34,28 @@ impl Manager {
         io: ExecIo,
         sink: &mut dyn OutputSink,
     ) -> Result<ExitStatus, ManagerError> {
+        let (record, mut client) = self.running_agent(namespace, key, "run a command in it")?;
+        let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
+        let mut check = || vmm_only_check(pid, start);
+        client
+            .exec_with(request, io, sink, &mut check)
+            .map_err(|source| self.guest_error(&record, source))
+    }
+
+    /// A session with the agent of a VM that must be running; `action`
+    /// names what the caller wanted, for the error when it is not.
+    pub(super) fn running_agent(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        action: &'static str,
+    ) -> Result<(VmRecord, AgentClient), ManagerError> {
         let record = self.inspect(namespace, key)?;
         if record.state != VmState::Running {
             return Err(ManagerError::InvalidState {
                 name: record.name,
                 state: record.state,
-                action: "run a command in it",
+                action,
                 hint: if record.state == VmState::Paused {
                     "; resume it first (`hangar resume`)"
                 } else {
@@ -50,17 +66,14 @@ impl Manager {
         let sockets = record.sockets.agent_sockets();
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, start);
-        let mut client = AgentClient::connect_any(
+        let client = AgentClient::connect_any(
             &sockets,
             EXEC_CONNECT_TIMEOUT,
             PORT_HELLO_TIMEOUT,
             &mut check,
         )
         .map_err(|source| self.guest_error(&record, source))?;
-        let mut check = || vmm_only_check(pid, start);
-        client
-            .exec_with(request, io, sink, &mut check)
-            .map_err(|source| self.guest_error(&record, source))
+        Ok((record, client))
     }
 
     /// An open agent session with a running VM, for many commands in a row
@@ -148,13 +161,16 @@ impl Manager {
         Ok((status, Some(client)))
     }
 
-    fn guest_error(&self, record: &VmRecord, source: GuestError) -> ManagerError {
+    pub(super) fn guest_error(&self, record: &VmRecord, source: GuestError) -> ManagerError {
         if crate::interrupt::requested() {
             return ManagerError::Interrupted;
         }
         // The console helps when the VM misbehaves, not when a command does.
         let console = match source {
-            GuestError::ExecFailed { .. } | GuestError::ExecTimeout { .. } => Vec::new(),
+            GuestError::ExecFailed { .. }
+            | GuestError::ExecTimeout { .. }
+            | GuestError::CopyFailed { .. }
+            | GuestError::Transfer(_) => Vec::new(),
             _ => self.console_tail(record),
         };
         ManagerError::Guest {

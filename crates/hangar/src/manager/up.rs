@@ -93,11 +93,21 @@ impl Manager {
         let record = self.start(Some(&namespace), &vm.spec.name)?;
         debug_assert_eq!(record.state, VmState::Running);
         for (index, step) in vm.provision.iter().enumerate() {
+            if let (Some(source), Some(dest)) = (&step.copy, &step.to) {
+                self.copy_into(Some(&namespace), &record.id, source, dest)
+                    .map_err(|err| ManagerError::Provision {
+                        name: vm.spec.name.clone(),
+                        step: index + 1,
+                        argv: format!("copy {} to {dest}", source.display()),
+                        status: err.to_string(),
+                    })?;
+                continue;
+            }
             let request = ExecRequest {
                 argv: step.run.clone(),
                 env: step.env.clone().into_iter().collect(),
                 cwd: step.workdir.clone(),
-                stdin: false,
+                ..ExecRequest::default()
             };
             let status = self.exec(
                 Some(&namespace),
