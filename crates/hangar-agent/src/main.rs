@@ -31,29 +31,6 @@ use std::time::Duration;
 
 use hangar_proto::{port_name, AGENT_PORTS};
 
-#[cfg(test)]
-mod tests {
-    use super::service_ports;
-
-    fn parse(args: &[&str]) -> Result<Vec<u32>, String> {
-        service_ports(args.iter().map(|a| (*a).to_owned()))
-    }
-
-    #[test]
-    fn service_ports_default_to_all_and_are_checked() {
-        assert_eq!(parse(&[]).unwrap().len(), 16);
-        assert_eq!(
-            parse(&["--port", "15", "--port", "3"]).unwrap(),
-            vec![15, 3]
-        );
-        assert!(parse(&["--port", "16"]).unwrap_err().contains("0 to 15"));
-        assert!(parse(&["--port"]).is_err());
-        assert!(parse(&["--serve"])
-            .unwrap_err()
-            .contains("unknown argument"));
-    }
-}
-
 /// How long to wait for the virtio-serial port to appear after boot.
 const PORT_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -157,4 +134,27 @@ fn serve_ports(reaper: &reaper::Reaper, is_init: bool, ports: Vec<u32>) -> std::
 /// Writes one line to the agent's stderr: the serial console as PID 1.
 pub(crate) fn log(message: &str) {
     eprintln!("hangar-agent: {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_ports;
+
+    fn parse(args: &[&str]) -> Result<Vec<u32>, String> {
+        service_ports(args.iter().map(|a| (*a).to_owned()))
+    }
+
+    #[test]
+    fn service_ports_default_to_all_and_are_checked() {
+        assert_eq!(parse(&[]).unwrap().len(), 16);
+        assert_eq!(
+            parse(&["--port", "15", "--port", "3"]).unwrap(),
+            vec![15, 3]
+        );
+        assert!(parse(&["--port", "16"]).unwrap_err().contains("0 to 15"));
+        assert!(parse(&["--port"]).is_err());
+        assert!(parse(&["--serve"])
+            .unwrap_err()
+            .contains("unknown argument"));
+    }
 }
