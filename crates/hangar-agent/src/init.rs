@@ -5,9 +5,11 @@ use std::io;
 use crate::cmdline::KernelCmdline;
 use crate::sys;
 
-/// Modules to load, one path per line in dependency order; written by the
-/// host when it builds the initramfs.
-const MODULE_LIST: &str = "/hangar/modules";
+/// Modules to load at boot, one path per line in dependency order; written
+/// by the host when it builds the initramfs.
+pub const BOOT_MODULES: &str = "/hangar/modules";
+/// Modules for vsock, loaded only when the VM has a vsock device.
+pub const VSOCK_MODULES: &str = "/hangar/modules-vsock";
 
 /// Default `PATH` for commands the agent runs.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -32,8 +34,8 @@ pub fn setup() -> io::Result<KernelCmdline> {
     Ok(cmdline)
 }
 
-pub fn load_modules() {
-    let Ok(list) = std::fs::read_to_string(MODULE_LIST) else {
+pub fn load_modules(list_path: &str) {
+    let Ok(list) = std::fs::read_to_string(list_path) else {
         return;
     };
     for path in list.lines().map(str::trim).filter(|line| !line.is_empty()) {

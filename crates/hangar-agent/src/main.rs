@@ -10,9 +10,11 @@
 //! Started as any other process it is a service (for disk images with
 //! their own init; see `contrib/hangar-agent.service`): no mounts, no
 //! console shell, shutdown through the guest's `poweroff`. Options:
-//! `--port N` (repeatable) serves only those ports. As PID 1, the kernel
-//! argument `hangar.ports=N` serves only the first N, leaving the rest to
-//! a service.
+//! `--port N` (repeatable) serves only those virtio-serial ports; `--vsock`
+//! listens on vsock port 1024 (then serial ports only if also named). As
+//! PID 1, the kernel argument `hangar.ports=N` serves only the first N
+//! ports, leaving the rest to a service, and `hangar.vsock=1` loads the
+//! vsock modules and listens on vsock too.
 
 mod cmdline;
 mod console;
@@ -26,17 +28,18 @@ mod reaper;
 mod session;
 mod sys;
 mod user;
+mod vsock;
 
 use std::time::Duration;
 
-use hangar_proto::{port_name, AGENT_PORTS};
+use hangar_proto::{port_name, AGENT_PORTS, AGENT_VSOCK_PORT};
 
 /// How long to wait for the virtio-serial port to appear after boot.
 const PORT_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() {
     let is_init = std::process::id() == 1;
-    let ports = if is_init {
+    let options = if is_init {
         let cmdline = init::setup().unwrap_or_else(|err| {
             log(&format!("init failed: {err}"));
             sys::power_off()
@@ -46,15 +49,22 @@ fn main() {
             log("probe ok");
             sys::power_off();
         }
-        init::load_modules();
+        init::load_modules(init::BOOT_MODULES);
         let count = cmdline
             .value("hangar.ports")
             .and_then(|n| n.parse::<u32>().ok())
             .map_or(AGENT_PORTS, |n| n.clamp(1, AGENT_PORTS));
-        (0..count).collect()
+        let vsock = cmdline.flag("hangar.vsock");
+        if vsock {
+            init::load_modules(init::VSOCK_MODULES);
+        }
+        Options {
+            ports: (0..count).collect(),
+            vsock,
+        }
     } else {
-        match service_ports(std::env::args().skip(1)) {
-            Ok(ports) => ports,
+        match service_options(std::env::args().skip(1)) {
+            Ok(options) => options,
             Err(message) => {
                 log(&message);
                 std::process::exit(2);
@@ -65,7 +75,18 @@ fn main() {
     if is_init {
         console::spawn_shell(reaper.clone());
     }
-    if let Err(err) = serve_ports(&reaper, is_init, ports) {
+    if options.vsock {
+        // Without vsock the serial ports still serve; the log says why.
+        if let Err(err) = vsock::spawn_listener(AGENT_VSOCK_PORT, reaper.clone(), is_init) {
+            log(&format!("vsock: {err}"));
+        }
+        if options.ports.is_empty() {
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+    if let Err(err) = serve_ports(&reaper, is_init, options.ports) {
         log(&format!("fatal: {err}"));
     }
     if is_init {
@@ -74,10 +95,21 @@ fn main() {
     std::process::exit(1);
 }
 
-/// The ports a service serves: every `--port N`, or all of them.
-fn service_ports(args: impl Iterator<Item = String>) -> Result<Vec<u32>, String> {
-    let usage = "usage: hangar-agent [--port N]... (N from 0 to 15; default all)";
+/// What the agent serves.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    /// Virtio-serial port indexes.
+    ports: Vec<u32>,
+    /// Listen on vsock port [`AGENT_VSOCK_PORT`].
+    vsock: bool,
+}
+
+/// A service's options: every `--port N` and `--vsock`; with neither,
+/// all serial ports.
+fn service_options(args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let usage = "usage: hangar-agent [--port N]... [--vsock] (N from 0 to 15; default all ports)";
     let mut ports = Vec::new();
+    let mut vsock = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -89,13 +121,14 @@ fn service_ports(args: impl Iterator<Item = String>) -> Result<Vec<u32>, String>
                     .ok_or_else(|| format!("--port needs a number from 0 to 15; {usage}"))?;
                 ports.push(port);
             }
+            "--vsock" => vsock = true,
             other => return Err(format!("unknown argument {other:?}; {usage}")),
         }
     }
-    if ports.is_empty() {
+    if ports.is_empty() && !vsock {
         ports = (0..AGENT_PORTS).collect();
     }
-    Ok(ports)
+    Ok(Options { ports, vsock })
 }
 
 /// The first port must appear; the others come with the same device, so
@@ -138,18 +171,25 @@ pub(crate) fn log(message: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::service_ports;
+    use super::{service_options, Options};
 
-    fn parse(args: &[&str]) -> Result<Vec<u32>, String> {
-        service_ports(args.iter().map(|a| (*a).to_owned()))
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        service_options(args.iter().map(|a| (*a).to_owned()))
     }
 
     #[test]
-    fn service_ports_default_to_all_and_are_checked() {
-        assert_eq!(parse(&[]).unwrap().len(), 16);
+    fn service_options_default_to_all_ports_and_are_checked() {
+        assert_eq!(parse(&[]).unwrap().ports.len(), 16);
         assert_eq!(
-            parse(&["--port", "15", "--port", "3"]).unwrap(),
+            parse(&["--port", "15", "--port", "3"]).unwrap().ports,
             vec![15, 3]
+        );
+        assert_eq!(
+            parse(&["--vsock"]).unwrap(),
+            Options {
+                ports: vec![],
+                vsock: true
+            }
         );
         assert!(parse(&["--port", "16"]).unwrap_err().contains("0 to 15"));
         assert!(parse(&["--port"]).is_err());

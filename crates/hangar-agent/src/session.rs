@@ -59,30 +59,57 @@ const STDIN_QUEUE: usize = 64;
 /// The session's running commands by exec id.
 pub type Table = Arc<Mutex<BTreeMap<u32, Running>>>;
 
+/// What the end of input means on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnEnd {
+    /// A virtio-serial port: no host is connected right now; the next one
+    /// will come through the same device.
+    WaitForHost,
+    /// A vsock connection: the host hung up; the session is over.
+    Finish,
+}
+
+/// Serves one virtio-serial port for as long as the guest runs.
 pub fn serve(port: AgentPort, reaper: Reaper, is_init: bool) -> io::Result<()> {
+    let writer = port.try_clone_file()?;
+    serve_channel(port, writer, OnEnd::WaitForHost, reaper, is_init)
+}
+
+/// Serves one channel: frames in through `input`, out through `output`.
+pub fn serve_channel(
+    input: impl io::Read,
+    output: File,
+    on_end: OnEnd,
+    reaper: Reaper,
+    is_init: bool,
+) -> io::Result<()> {
     let sender = Sender {
-        port: Arc::new(Mutex::new(port.try_clone_file()?)),
+        port: Arc::new(Mutex::new(output)),
     };
     let table: Table = Arc::default();
     // Announce readiness; if no host is connected yet this is dropped and the
     // host's own hello gets the answer.
     send_hello(&sender, None);
-    let mut reader = FrameReader::new(port);
+    let mut reader = FrameReader::new(input);
     loop {
         let frame = match reader.read_frame() {
             Ok(frame) => frame,
             // No host (it disconnected, maybe mid-frame): forget the partial
             // frame and wait for the next one.
-            Err(FrameError::Closed) => {
+            Err(FrameError::Closed) if on_end == OnEnd::WaitForHost => {
                 reader.reset();
                 std::thread::sleep(HOST_ABSENT_POLL);
                 continue;
             }
-            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(FrameError::Io(err))
+                if err.kind() == io::ErrorKind::UnexpectedEof && on_end == OnEnd::WaitForHost =>
+            {
                 reader.reset();
                 std::thread::sleep(HOST_ABSENT_POLL);
                 continue;
             }
+            Err(FrameError::Closed) => return Ok(()),
+            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(FrameError::Io(err)) => return Err(err),
             Err(err) => {
                 sender.send_message(&GuestMessage::Error {

@@ -106,6 +106,10 @@ pub struct ResourceArgs {
     /// Extra kernel command-line argument (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// Give the VM a vsock device; the agent then also answers over vsock
+    /// (QEMU needs /dev/vhost-vsock on the host).
+    #[arg(long)]
+    pub vsock: bool,
 }
 
 #[derive(Debug, Args)]

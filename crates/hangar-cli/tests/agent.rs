@@ -486,3 +486,56 @@ fn the_agent_runs_as_a_service_too() {
     let note = ok(&hangar(state, &["exec", &vm, "--", "cat", "/tmp/note"]));
     assert_eq!(note, "via service");
 }
+
+/// vsock: where the host has /dev/vhost-vsock a VM gets a vsock device and
+/// sessions use it; where it has none (this CI machine), `--vsock` is
+/// refused with the reason and nothing is created. Either way the guest
+/// side is exercised: with `hangar.vsock=1` the agent loads the vsock
+/// modules and listens, and the VM still answers over virtio-serial.
+#[test]
+fn vsock_is_used_where_the_host_has_it_and_refused_clearly_where_not() {
+    let state = shared_state();
+    let name = unique("vsock");
+    let created = hangar(state, &["create", "--name", &name, "--vsock"]);
+    if Path::new("/dev/vhost-vsock").exists() {
+        ok(&created);
+        let _guard = VmGuard {
+            state,
+            name: name.clone(),
+        };
+        ok(&hangar(state, &["start", &name]));
+        let record = inspect(state, &name);
+        assert_eq!(record["sockets"]["agent_vsock"]["transport"], "vsock");
+        assert_eq!(
+            ok(&hangar(state, &["exec", &name, "--", "echo", "hi"])),
+            "hi\n"
+        );
+    } else {
+        assert_eq!(created.status.code(), Some(125));
+        assert!(
+            text(&created.stderr).contains("no /dev/vhost-vsock"),
+            "{}",
+            text(&created.stderr)
+        );
+        let ps = ok(&hangar(state, &["ps", "-a", "--json"]));
+        assert!(!ps.contains(&name), "nothing recorded: {ps}");
+    }
+
+    let vm = unique("vsock-guest");
+    ok(&hangar(
+        state,
+        &["create", "--name", &vm, "--kernel-arg", "hangar.vsock=1"],
+    ));
+    let _guard = VmGuard {
+        state,
+        name: vm.clone(),
+    };
+    ok(&hangar(state, &["start", &vm]));
+    let logs = ok(&hangar(state, &["logs", &vm]));
+    assert!(
+        logs.contains("hangar-agent: listening on vsock port 1024"),
+        "{logs}"
+    );
+    let modules = ok(&hangar(state, &["exec", &vm, "--", "cat", "/proc/modules"]));
+    assert!(modules.contains("vmw_vsock_virtio_transport "), "{modules}");
+}

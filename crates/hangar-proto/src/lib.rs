@@ -1,6 +1,7 @@
 //! Hangar's host <-> guest agent protocol.
 //!
-//! One byte stream (virtio-serial today, vsock later) carries *frames*. A frame
+//! One byte stream (a virtio-serial port, or a vsock connection) carries
+//! *frames*. A frame
 //! is a fixed header and a payload:
 //!
 //! ```text
@@ -37,6 +38,9 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// session (one `hangar exec` process); within a session any number of
 /// commands run at once.
 pub const AGENT_PORTS: u32 = 16;
+
+/// The vsock port the agent listens on, where the VM has vsock.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Name of agent port `index`. The guest kernel exposes it under
 /// `/sys/class/virtio-ports/*/name`.

@@ -142,6 +142,10 @@ pub struct Sockets {
     /// ... and its log file.
     #[serde(default)]
     pub console_log: Option<PathBuf>,
+    /// The agent over vsock, when the VM has it (preferred for sessions:
+    /// any number at once; readiness still comes over virtio-serial).
+    #[serde(default)]
+    pub agent_vsock: Option<crate::guest::AgentEndpoint>,
 }
 
 /// A host process, named so that a reused pid is never mistaken for it.

@@ -3,7 +3,9 @@
 //!   against a whole `hangar exec -- true` process;
 //! - streaming N MB from guest stdout against the guest writing the same
 //!   bytes to /dev/null (what the channel adds);
-//! - 16 `hangar exec` processes at once against 16 one after another.
+//! - 16 `hangar exec` processes at once against 16 one after another;
+//! - `cp` of an N MB file into and out of the guest, against the stdout
+//!   stream above.
 
 use std::time::{Duration, Instant};
 
@@ -37,7 +39,10 @@ fn sh(script: &str) -> ExecRequest {
 pub fn exec(global: &Global, runs: usize, megabytes: u64) -> anyhow::Result<u8> {
     let mut manager = open(global)?;
     let name = format!("bench-exec-{}", hangar::manager::new_id()?);
-    manager.create(VmSpec::new(&name), BackendKind::Qemu)?;
+    let mut spec = VmSpec::new(&name);
+    // Room for the copied file in the guest's RAM-backed /tmp.
+    spec.memory = hangar::ByteSize(megabytes * 1024 * 1024 * 2 + (256 << 20));
+    manager.create(spec, BackendKind::Qemu)?;
     let result = measure(global, &mut manager, &name, runs.max(1), megabytes.max(1));
     let _ = manager.remove(None, &name, true);
     result
@@ -91,6 +96,7 @@ fn measure(
         "streamed {} of {bytes} bytes",
         counted.0
     );
+    let (copy_in, copy_out) = time_copies(&mut client, bytes)?;
     drop(client);
 
     let sequential = time_each(&state, name, 16, false)?;
@@ -108,6 +114,8 @@ fn measure(
             "guest_stdout_to_host_mb_per_s": stream_rate,
             "sixteen_sequential_ms": sequential.as_millis(),
             "sixteen_parallel_ms": parallel.as_millis(),
+            "cp_into_guest_mb_per_s": mb / copy_in.as_secs_f64(),
+            "cp_out_of_guest_mb_per_s": mb / copy_out.as_secs_f64(),
         }))?;
     } else {
         println!("exec -- true on an open session   median {session_ms:>8.1} ms");
@@ -126,8 +134,53 @@ fn measure(
             parallel.as_millis(),
             sequential.as_secs_f64() / parallel.as_secs_f64()
         );
+        for (what, took) in [("into the guest", copy_in), ("out of the guest", copy_out)] {
+            let rate = mb / took.as_secs_f64();
+            println!(
+                "{megabytes} MB cp {what:<16}   {rate:>8.1} MB/s  ({:.2}x of guest stdout)",
+                rate / stream_rate
+            );
+        }
     }
     Ok(0)
+}
+
+/// Copies a file of `bytes` random-ish bytes into the guest and back out,
+/// checks it came back whole, and returns both times.
+fn time_copies(
+    client: &mut hangar::guest::AgentClient,
+    bytes: u64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("payload");
+    let mut data = vec![0u8; bytes as usize];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&state.to_le_bytes()[..n]);
+    }
+    std::fs::write(&source, &data)?;
+    let mut no_check = || Ok(());
+    let started = Instant::now();
+    client.copy_in(&source, "/tmp/bench-payload", &mut no_check)?;
+    let copy_in = started.elapsed();
+    let back = dir.path().join("back");
+    let started = Instant::now();
+    client.copy_out("/tmp/bench-payload", &back, &mut no_check)?;
+    let copy_out = started.elapsed();
+    anyhow::ensure!(
+        std::fs::read(&back)? == data,
+        "the copied file came back different"
+    );
+    client.exec(
+        sh("rm /tmp/bench-payload"),
+        &mut CollectSink::default(),
+        &mut no_check,
+    )?;
+    Ok((copy_in, copy_out))
 }
 
 /// 16 `hangar exec -- sleep 0.2` processes, in parallel or in a row.

@@ -78,6 +78,7 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
         .parse()
         .with_context(|| format!("--memory {}", resources.memory))?;
     spec.kernel_args = resources.kernel_args.clone();
+    spec.vsock = resources.vsock;
     for label in &resources.labels {
         let (key, value) = label
             .split_once('=')

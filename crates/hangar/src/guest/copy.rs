@@ -2,10 +2,11 @@
 //! in stdin frames into the guest, or in stdout frames out of it.
 
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use socket2::Socket;
 
 use hangar_proto::transfer::{self, TransferError, UnpackOptions};
 use hangar_proto::{CopySummary, Frame, FrameKind, GuestMessage, HostMessage};
@@ -144,7 +145,7 @@ impl AgentClient {
 
 /// Everything written becomes stdin frames of one copy.
 struct StdinFrames {
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Mutex<Socket>>,
     id: u32,
     cancel: Arc<AtomicBool>,
 }

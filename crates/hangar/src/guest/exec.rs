@@ -1,8 +1,9 @@
 //! Commands in the guest: a streaming form ([`ExecStream`], one event at a
 //! time) and the sink form built on it ([`AgentClient::exec_with`]).
 
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+
+use socket2::Socket;
 use std::time::{Duration, Instant};
 
 use hangar_proto::{ExecRequest, ExitStatus, Frame, FrameKind, GuestMessage, HostMessage, TtySize};
@@ -235,7 +236,7 @@ impl ExecStream<'_> {
 /// Sends `input` to the command `id` as stdin frames, then closes its
 /// stdin. Runs on its own thread so a slow reader never stalls output; it
 /// ends with its input or when the channel breaks.
-fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mutex<UnixStream>>) {
+fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mutex<Socket>>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; STDIN_CHUNK];
         loop {

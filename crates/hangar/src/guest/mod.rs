@@ -8,17 +8,20 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::Flock;
 
+use socket2::Socket;
+
 mod copy;
 mod exec;
+pub mod transport;
 
 pub use exec::{ExecEvent, ExecIo, ExecStream, TtySizeSource};
+pub use transport::AgentEndpoint;
 
 use hangar_proto::{
     Frame, FrameError, FrameKind, FrameReader, GuestFacts, GuestMessage, HostMessage,
@@ -56,15 +59,15 @@ impl OutputSink for CollectSink {
 /// Why talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("cannot connect to the agent socket {path}")]
+    #[error("cannot connect to the agent at {endpoint}")]
     Connect {
-        path: PathBuf,
+        endpoint: AgentEndpoint,
         #[source]
         source: std::io::Error,
     },
-    #[error("agent channel {path} failed")]
+    #[error("agent channel {endpoint} failed")]
     Channel {
-        path: PathBuf,
+        endpoint: AgentEndpoint,
         #[source]
         source: FrameError,
     },
@@ -93,10 +96,10 @@ pub type Check<'a> = &'a mut dyn FnMut() -> Result<(), String>;
 /// A session with one VM's agent.
 #[derive(Debug)]
 pub struct AgentClient {
-    path: PathBuf,
-    reader: FrameReader<UnixStream>,
+    endpoint: AgentEndpoint,
+    reader: FrameReader<Socket>,
     /// Shared with stdin pumps; one frame per locked write.
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Mutex<Socket>>,
     facts: GuestFacts,
     next_id: u32,
     /// Held while connected: this port is ours until the client drops.
@@ -144,16 +147,51 @@ impl AgentClient {
         }
     }
 
-    /// Connects to one agent socket and waits for the agent's hello, at
-    /// most `timeout`.
+    /// A session for a running VM: over its vsock endpoint when it has one
+    /// and it answers within `per_port`, else through the first free
+    /// virtio-serial port (see [`AgentClient::connect_any`]).
+    pub fn connect_vm(
+        sockets: &crate::record::Sockets,
+        timeout: Duration,
+        per_port: Duration,
+        check: Check<'_>,
+    ) -> Result<Self, GuestError> {
+        let started = Instant::now();
+        if let Some(endpoint) = &sockets.agent_vsock {
+            match Self::connect_endpoint(endpoint, per_port.min(timeout), check) {
+                Ok(client) => return Ok(client),
+                Err(GuestError::Aborted { reason }) => return Err(GuestError::Aborted { reason }),
+                // Fall back to the serial ports, which every QEMU VM has.
+                Err(_) => {}
+            }
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        Self::connect_any(&sockets.agent_sockets(), left, per_port, check)
+    }
+
+    /// Connects to one virtio-serial agent socket and waits for the
+    /// agent's hello, at most `timeout`.
     pub fn connect(path: &Path, timeout: Duration, check: Check<'_>) -> Result<Self, GuestError> {
+        let endpoint = AgentEndpoint::Serial {
+            socket: path.to_path_buf(),
+        };
+        Self::connect_endpoint(&endpoint, timeout, check)
+    }
+
+    /// Connects over any transport and waits for the agent's hello, at
+    /// most `timeout`.
+    pub fn connect_endpoint(
+        endpoint: &AgentEndpoint,
+        timeout: Duration,
+        check: Check<'_>,
+    ) -> Result<Self, GuestError> {
         let started = Instant::now();
         let stream = loop {
-            match UnixStream::connect(path) {
+            match transport::open(endpoint) {
                 Ok(stream) => break stream,
                 Err(source) if started.elapsed() >= timeout => {
                     return Err(GuestError::Connect {
-                        path: path.to_path_buf(),
+                        endpoint: endpoint.clone(),
                         source,
                     })
                 }
@@ -164,7 +202,7 @@ impl AgentClient {
             }
         };
         let channel = |source| GuestError::Channel {
-            path: path.to_path_buf(),
+            endpoint: endpoint.clone(),
             source,
         };
         stream
@@ -176,7 +214,7 @@ impl AgentClient {
             .map_err(|e| channel(std::io::Error::other(e).into()))?;
         let nonce = u64::from_le_bytes(nonce_bytes);
         let mut client = Self {
-            path: path.to_path_buf(),
+            endpoint: endpoint.clone(),
             reader: FrameReader::new(stream),
             writer: Arc::new(Mutex::new(writer)),
             facts: GuestFacts::default(),
@@ -228,7 +266,7 @@ impl AgentClient {
         id
     }
 
-    pub(crate) fn writer(&self) -> Arc<Mutex<UnixStream>> {
+    pub(crate) fn writer(&self) -> Arc<Mutex<Socket>> {
         Arc::clone(&self.writer)
     }
 
@@ -249,7 +287,7 @@ impl AgentClient {
 
     fn write_frame(&mut self, frame: &Frame) -> Result<(), GuestError> {
         write_locked(&self.writer, frame).map_err(|e| GuestError::Channel {
-            path: self.path.clone(),
+            endpoint: self.endpoint.clone(),
             source: e.into(),
         })
     }
@@ -269,14 +307,14 @@ impl AgentClient {
             }
             Err(FrameError::TooLarge { .. } | FrameError::UnknownKind { .. }) => Ok(None),
             Err(source) => Err(GuestError::Channel {
-                path: self.path.clone(),
+                endpoint: self.endpoint.clone(),
                 source,
             }),
         }
     }
 }
 
-pub(crate) fn write_locked(writer: &Mutex<UnixStream>, frame: &Frame) -> std::io::Result<()> {
+pub(crate) fn write_locked(writer: &Mutex<Socket>, frame: &Frame) -> std::io::Result<()> {
     let mut stream = writer.lock().unwrap_or_else(|poison| poison.into_inner());
     stream.write_all(&frame.encode())
 }

@@ -39,13 +39,17 @@ const GUEST_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// Modules for the agent's vsock listener, loaded only when the VM has a
+/// vsock device (`hangar.vsock=1`), so other boots do not pay for them.
+const VSOCK_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
+
 /// Folders searched for the kernel package after the state dir's own.
 const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/archives"];
 /// The Debian metapackage that names the current cloud kernel package.
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes, so old cached images are not used.
-const IMAGE_FORMAT: u32 = 1;
+const IMAGE_FORMAT: u32 = 2;
 
 /// Why the default image could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -331,12 +335,18 @@ fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
     let kernel_path = dir.join("vmlinux");
     write_private(&kernel_path, &vmlinux).map_err(io_err(&kernel_path))?;
     let modules_dir = pkg.join("lib/modules").join(&release);
-    let modules = ModuleIndex::load(&modules_dir)?.load_order(GUEST_MODULES)?;
+    let index = ModuleIndex::load(&modules_dir)?;
+    let boot = index.load_order(GUEST_MODULES)?;
+    let vsock: Vec<PathBuf> = index
+        .load_order(VSOCK_MODULES)?
+        .into_iter()
+        .filter(|module| !boot.contains(module))
+        .collect();
     write_initramfs(
         &dir.join("initramfs.cpio"),
         &modules_dir,
         &release,
-        &modules,
+        &[("hangar/modules", &boot), ("hangar/modules-vsock", &vsock)],
     )?;
     Ok(release)
 }
@@ -345,7 +355,7 @@ fn write_initramfs(
     dest: &Path,
     modules_dir: &Path,
     release: &str,
-    modules: &[PathBuf],
+    module_lists: &[(&str, &[PathBuf])],
 ) -> Result<(), DefaultImageError> {
     let file = create_private(dest).map_err(io_err(dest))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
@@ -391,9 +401,12 @@ fn write_initramfs(
             }
         }
         let guest_dir = format!("lib/modules/{release}");
-        let mut list = String::new();
+        let modules: Vec<&PathBuf> = module_lists
+            .iter()
+            .flat_map(|(_, modules)| modules.iter())
+            .collect();
         let mut made = std::collections::BTreeSet::new();
-        for module in modules {
+        for module in &modules {
             let guest_path = format!("{guest_dir}/{}", module.display());
             // Parent folders from lib/modules/<release> down (the archive
             // already has lib/modules); written shallowest first below.
@@ -403,18 +416,24 @@ fn write_initramfs(
                     made.insert(text);
                 }
             }
-            list.push_str(&format!("/{guest_path}\n"));
         }
         let mut dirs: Vec<_> = made.into_iter().collect();
         dirs.sort_by_key(|d| d.matches('/').count());
         for dir in dirs {
             cpio.dir(&dir, 0o755)?;
         }
-        for module in modules {
+        for module in &modules {
             let data = std::fs::read(modules_dir.join(module))?;
             cpio.file(&format!("{guest_dir}/{}", module.display()), 0o644, &data)?;
         }
-        cpio.file("hangar/modules", 0o644, list.as_bytes())?;
+        // One list per purpose: guest paths in load order.
+        for (list_path, modules) in module_lists {
+            let list: String = modules
+                .iter()
+                .map(|module| format!("/{guest_dir}/{}\n", module.display()))
+                .collect();
+            cpio.file(list_path, 0o644, list.as_bytes())?;
+        }
         cpio.finish()?.flush()
     })()
     .map_err(io)

@@ -297,6 +297,10 @@ impl Manager {
         };
         let accel = self.accelerator()?.accel;
         let mut cmdline = format!("{BASE_CMDLINE} hangar.hostname={}", record.name);
+        if record.spec.vsock {
+            // The agent loads the vsock modules and listens on vsock too.
+            cmdline.push_str(" hangar.vsock=1");
+        }
         for arg in &record.spec.kernel_args {
             cmdline.push(' ');
             cmdline.push_str(arg);

@@ -63,11 +63,10 @@ impl Manager {
                 },
             });
         }
-        let sockets = record.sockets.agent_sockets();
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, start);
-        let client = AgentClient::connect_any(
-            &sockets,
+        let client = AgentClient::connect_vm(
+            &record.sockets,
             EXEC_CONNECT_TIMEOUT,
             PORT_HELLO_TIMEOUT,
             &mut check,
@@ -84,11 +83,10 @@ impl Manager {
         key: &str,
     ) -> Result<AgentClient, ManagerError> {
         let record = self.inspect(namespace, key)?;
-        let sockets = record.sockets.agent_sockets();
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, start);
-        AgentClient::connect_any(
-            &sockets,
+        AgentClient::connect_vm(
+            &record.sockets,
             EXEC_CONNECT_TIMEOUT,
             PORT_HELLO_TIMEOUT,
             &mut check,

@@ -26,6 +26,8 @@ pub struct QemuArgs {
     pub console_socket: PathBuf,
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
+    /// The guest's vsock context id, when the VM has vsock (vhost-vsock).
+    pub vsock_cid: Option<u32>,
 }
 
 /// Doubles commas so a path can sit inside a QEMU option string.
@@ -83,6 +85,9 @@ impl QemuArgs {
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-pci,rng=rng0"]);
         // A guest reboot or panic ends the VMM instead of looping.
+        if let Some(cid) = self.vsock_cid {
+            push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
+        }
         push(&["-no-reboot"]);
         push(&["-daemonize", "-pidfile", &self.pidfile.to_string_lossy()]);
         args.into_iter().map(OsString::from).collect()
@@ -108,7 +113,28 @@ mod tests {
             console_socket: "/s/console.sock".into(),
             console_log: "/s/console.log".into(),
             pidfile: "/s/qemu.pid".into(),
+            vsock_cid: None,
         }
+    }
+
+    #[test]
+    fn vsock_adds_a_vhost_device_with_the_cid() {
+        let mut with = args();
+        with.vsock_cid = Some(1234);
+        let joined: Vec<String> = with
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let i = joined
+            .iter()
+            .position(|a| a == "vhost-vsock-pci,guest-cid=1234")
+            .unwrap();
+        assert_eq!(joined[i - 1], "-device");
+        assert!(!args()
+            .to_argv()
+            .iter()
+            .any(|a| a.to_string_lossy().contains("vsock")));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::process;
 use super::{
     Backend, BackendError, LaunchPlan, Launched, Pausable, StopOutcome, StopRequest, VmmStatus,
 };
+use crate::guest::AgentEndpoint;
 use crate::record::{BackendKind, Sockets, VmRecord};
 use crate::spec::{ImageSource, NetworkSpec, VmSpec};
 use argv::QemuArgs;
@@ -36,6 +37,18 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Where Debian puts qboot, the minimal firmware that boots a PVH kernel
 /// fastest.
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+/// The host device QEMU's vhost-vsock needs.
+const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+
+/// A random guest context id for vsock. 0-2 are reserved (hypervisor,
+/// local, host) and `u32::MAX` means "any"; a CID already held by another
+/// VM on this host makes QEMU fail at start with that reason, which at
+/// four billion choices is not worth a registry.
+fn new_vsock_cid() -> std::io::Result<u32> {
+    let mut bytes = [0u8; 4];
+    getrandom::getrandom(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(3 + u32::from_le_bytes(bytes) % (u32::MAX - 4))
+}
 
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
@@ -104,6 +117,7 @@ pub fn sockets_for(work_dir: &Path) -> Sockets {
             .collect(),
         console: Some(work_dir.join("console.sock")),
         console_log: Some(work_dir.join("console.log")),
+        agent_vsock: None,
     }
 }
 
@@ -131,10 +145,16 @@ impl Backend for QemuBackend {
                 "networking is not implemented yet",
             ));
         }
-        if spec.cloud_init.is_some() || !spec.shared_dirs.is_empty() || spec.vsock {
+        if spec.cloud_init.is_some() || !spec.shared_dirs.is_empty() {
             return Err(unsupported(
-                "use cloud-init, shared dirs or vsock",
+                "use cloud-init or shared dirs",
                 "not implemented yet",
+            ));
+        }
+        if spec.vsock && !Path::new(VHOST_VSOCK).exists() {
+            return Err(unsupported(
+                "give the VM vsock",
+                "this host has no /dev/vhost-vsock (load the vhost_vsock module); or leave vsock off: the agent works over virtio-serial",
             ));
         }
         Ok(())
@@ -174,6 +194,16 @@ impl Backend for QemuBackend {
             // Created here so it is 0600; QEMU appends to it.
             crate::fsutil::create_private(log).map_err(io(log))?;
         }
+        let vsock_cid = if vm.spec.vsock {
+            Some(new_vsock_cid().map_err(io(Path::new(VHOST_VSOCK)))?)
+        } else {
+            None
+        };
+        let mut sockets = sockets;
+        sockets.agent_vsock = vsock_cid.map(|cid| AgentEndpoint::Vsock {
+            cid,
+            port: hangar_proto::AGENT_VSOCK_PORT,
+        });
         let args = QemuArgs {
             name: vm.name.clone(),
             accel: plan.accel,
@@ -188,6 +218,7 @@ impl Backend for QemuBackend {
             agent_sockets,
             console_log: sockets.console_log.clone().unwrap_or_default(),
             pidfile: pidfile.clone(),
+            vsock_cid,
         };
         let log_path = vm.work_dir.join("qemu.log");
         let log = crate::fsutil::create_private(&log_path).map_err(io(&log_path))?;
