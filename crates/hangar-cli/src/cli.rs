@@ -82,6 +82,9 @@ pub enum Command {
     Down(UpArgs),
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
+    /// Write the guest agent (a static x86_64 binary) to a file, to put in
+    /// a disk image and run as a service (see contrib/hangar-agent.service).
+    Agent(AgentArgs),
     /// Measure performance against baselines from the same run.
     Bench(BenchArgs),
 }
@@ -256,6 +259,13 @@ pub struct ExecArgs {
     pub vm: VmArg,
     #[command(flatten)]
     pub command: CommandArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where to write the agent binary.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]

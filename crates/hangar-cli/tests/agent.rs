@@ -424,7 +424,7 @@ fn cp_round_trips_trees_and_refuses_escapes() {
 /// session through it runs commands and copies files.
 #[test]
 fn the_agent_runs_as_a_service_too() {
-    use hangar::guest::{AgentClient, CollectSink};
+    use hangar::guest::{AgentClient, CollectSink, ExecEvent};
 
     let state = shared_state();
     let vm = unique("service");
@@ -437,6 +437,19 @@ fn the_agent_runs_as_a_service_too() {
         name: vm.clone(),
     };
     ok(&hangar(state, &["start", &vm]));
+    // The binary a disk image would carry: exported, copied in, started as
+    // an ordinary process.
+    let tmp = tempfile::tempdir().unwrap();
+    let exported = tmp.path().join("hangar-agent");
+    ok(&hangar(state, &["agent", "-o", exported.to_str().unwrap()]));
+    ok(&hangar(
+        state,
+        &[
+            "cp",
+            exported.to_str().unwrap(),
+            &format!("{vm}:/tmp/hangar-agent"),
+        ],
+    ));
     ok(&hangar(
         state,
         &[
@@ -445,7 +458,7 @@ fn the_agent_runs_as_a_service_too() {
             "--",
             "sh",
             "-c",
-            "setsid /init --port 1 </dev/null >/tmp/service.log 2>&1 & echo $! > /tmp/service.pid",
+            "setsid /tmp/hangar-agent --port 1 </dev/null >/tmp/service.log 2>&1 & echo $! > /tmp/service.pid",
         ],
     ));
     let record = inspect(state, &vm);
@@ -478,7 +491,34 @@ fn the_agent_runs_as_a_service_too() {
     );
     assert_eq!(lines[0], lines[1], "the service agent ran the command");
 
-    let tmp = tempfile::tempdir().unwrap();
+    // The streaming form: events one at a time, stdout and stderr apart.
+    let request = hangar::ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo one; echo two >&2; exit 4".into(),
+        ],
+        ..Default::default()
+    };
+    let mut stream = client.start_exec(request, Default::default()).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = loop {
+        match stream.next_event(&mut check).unwrap() {
+            Some(ExecEvent::Stdout(chunk)) => out.extend(chunk),
+            Some(ExecEvent::Stderr(chunk)) => err.extend(chunk),
+            Some(ExecEvent::Exited(status)) => break status,
+            None => {}
+        }
+    };
+    assert_eq!(
+        (out, err, status),
+        (
+            b"one\n".to_vec(),
+            b"two\n".to_vec(),
+            hangar::ExitStatus::Code(4)
+        )
+    );
+
     fs::write(tmp.path().join("note"), "via service").unwrap();
     client
         .copy_in(&tmp.path().join("note"), "/tmp/note", &mut check)

@@ -148,3 +148,49 @@ fn sixteen_execs_at_once_from_separate_processes() {
         assert_eq!(text(&out.stdout), format!("exec-{i}\n"));
     }
 }
+
+/// A reader that stops reading stalls only its own exec: its output backs
+/// up into its own agent port while other execs go on.
+#[test]
+fn a_stalled_reader_does_not_stall_other_execs() {
+    let state = shared_state();
+    let (vm, _guard) = running_vm("stall");
+    // stdout is piped and never read: once the pipe and the channel fill,
+    // this hangar blocks writing its output.
+    let mut stalled = Command::new(hangar_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "head -c 50000000 /dev/zero; echo done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        stalled.try_wait().unwrap().is_none(),
+        "the stalled exec should still be blocked on its output"
+    );
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let out = ok(&hangar(
+            state,
+            &["exec", &vm, "--", "echo", &format!("free-{i}")],
+        ));
+        assert_eq!(out, format!("free-{i}\n"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "other execs took {:?} while one reader stalled",
+        started.elapsed()
+    );
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+}

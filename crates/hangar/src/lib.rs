@@ -20,7 +20,9 @@ pub mod spec_file;
 pub mod store;
 pub mod up_file;
 
-pub use hangar_proto::{CopySummary, ExecRequest, ExitStatus, GuestFacts, TtySize};
+pub use hangar_proto::{
+    CopySummary, ExecRequest, ExitStatus, GuestFacts, TtySize, PROTOCOL_VERSION,
+};
 pub use manager::{Manager, ManagerError, ManagerOptions, RunOutcome};
 pub use record::{Accel, BackendKind, VmRecord, VmState};
 pub use size::ByteSize;

@@ -36,6 +36,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Logs(args) => show::logs(global, args),
         Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
+        Command::Agent(args) => show::export_agent(global, &args.output),
         Command::Gc => show::gc(global),
         Command::Up(args) => up::up(global, args),
         Command::Down(args) => up::down(global, args),

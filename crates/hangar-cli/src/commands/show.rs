@@ -2,6 +2,8 @@
 
 use std::io::Write;
 
+use anyhow::Context;
+
 use super::open;
 use crate::cli::{Global, LogsArgs, PsArgs, VmArg};
 use crate::output::{print_json, print_table};
@@ -112,5 +114,19 @@ pub fn gc(global: &Global) -> anyhow::Result<u8> {
         list(&report.removed_orphan_dirs)
     );
     println!("removed stale image builds: {}", list(&report.removed_tmp));
+    Ok(0)
+}
+
+/// `agent -o FILE`: the embedded guest agent, for disk images.
+pub fn export_agent(global: &Global, output: &std::path::Path) -> anyhow::Result<u8> {
+    hangar::image::agent::export(output)
+        .with_context(|| format!("writing the agent to {}", output.display()))?;
+    if global.json {
+        crate::output::print_json(&serde_json::json!({
+            "path": output,
+            "bytes": hangar::image::agent::AGENT_BINARY.len(),
+            "protocol_version": hangar::PROTOCOL_VERSION,
+        }))?;
+    }
     Ok(0)
 }
