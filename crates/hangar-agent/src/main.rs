@@ -22,6 +22,7 @@ mod copy;
 mod exec;
 mod facts;
 mod init;
+mod net;
 mod port;
 mod pty;
 mod reaper;
@@ -50,6 +51,7 @@ fn main() {
             sys::power_off();
         }
         init::load_modules(init::BOOT_MODULES);
+        net::configure(cmdline.value("hangar.net"));
         let count = cmdline
             .value("hangar.ports")
             .and_then(|n| n.parse::<u32>().ok())

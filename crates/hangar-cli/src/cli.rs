@@ -109,6 +109,15 @@ pub struct ResourceArgs {
     /// Extra kernel command-line argument (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// Network: "none" (the default) or "user" (QEMU user-mode networking:
+    /// the guest reaches out through the host, 10.0.2.15/24).
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+    /// Forward a TCP port from 127.0.0.1 to the guest: HOST:GUEST, or
+    /// GUEST alone for a free host port (see `inspect`). Implies
+    /// --network user. Repeatable.
+    #[arg(long = "publish", short = 'p', value_name = "[HOST:]GUEST")]
+    pub publish: Vec<String>,
     /// Give the VM a vsock device; the agent then also answers over vsock
     /// (QEMU needs /dev/vhost-vsock on the host).
     #[arg(long)]

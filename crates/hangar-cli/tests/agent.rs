@@ -579,3 +579,69 @@ fn vsock_is_used_where_the_host_has_it_and_refused_clearly_where_not() {
     let modules = ok(&hangar(state, &["exec", &vm, "--", "cat", "/proc/modules"]));
     assert!(modules.contains("vmw_vsock_virtio_transport "), "{modules}");
 }
+
+/// User-mode networking: a published port on 127.0.0.1 reaches a server
+/// in the guest; the guest has its address, and the record its MAC (from
+/// the id) and the host port the OS picked.
+#[test]
+fn a_published_port_reaches_a_server_in_the_guest() {
+    use std::net::TcpStream;
+
+    let state = shared_state();
+    let vm = unique("net");
+    ok(&hangar(state, &["create", "--name", &vm, "-p", "8080"]));
+    let _guard = VmGuard {
+        state,
+        name: vm.clone(),
+    };
+    ok(&hangar(state, &["start", &vm]));
+    let record = inspect(state, &vm);
+    let id = record["id"].as_str().unwrap();
+    let mac = record["mac"].as_str().unwrap().replace(':', "");
+    assert_eq!(&mac[2..], &id[2..], "the MAC is the id");
+    let port = record["ports"][0]["host"].as_u64().unwrap() as u16;
+    assert_ne!(port, 0);
+    assert_eq!(record["ports"][0]["guest"], 8080);
+    let addresses = record["guest"]["addresses"].to_string();
+    assert!(addresses.contains("eth0 10.0.2.15/24"), "{addresses}");
+
+    ok(&hangar(
+        state,
+        &[
+            "exec", &vm, "--", "sh", "-c",
+            "mkdir -p /tmp/www && echo hello-from-guest > /tmp/www/index.html && httpd -p 8080 -h /tmp/www",
+        ],
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            conn.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            conn.read_to_string(&mut reply)?;
+            Ok(reply)
+        })();
+        match attempt {
+            Ok(reply) if reply.contains("hello-from-guest") => break reply,
+            other => assert!(
+                Instant::now() < deadline,
+                "no answer through 127.0.0.1:{port}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.starts_with("HTTP/1."), "{body}");
+
+    // Bad forwards are refused before anything exists.
+    let bad = hangar(
+        state,
+        &["create", "--name", &unique("badnet"), "-p", "80:0"],
+    );
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(
+        text(&bad.stderr).contains("port forward 80:0 is invalid: the guest port must be 1-65535"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

@@ -44,7 +44,12 @@ fn a_storm_of_parallel_processes_loses_and_duplicates_nothing() {
     let names: Vec<String> = (0..n).map(|i| format!("vm{i}")).collect();
     let creates = names
         .iter()
-        .map(|name| spawn_hangar(&state, &["create", "--name", name, "--backend", "noop"]))
+        .map(|name| {
+            spawn_hangar(
+                &state,
+                &["create", "--name", name, "--backend", "noop", "-p", "22"],
+            )
+        })
         .collect();
     all_ok(&wait_all(creates, STORM_TIMEOUT), "create");
     let vms = all_vms(&state);
@@ -55,10 +60,11 @@ fn a_storm_of_parallel_processes_loses_and_duplicates_nothing() {
         .map(|v| v["work_dir"].as_str().unwrap())
         .collect();
     let got: BTreeSet<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let macs: BTreeSet<&str> = vms.iter().filter_map(|v| v["mac"].as_str()).collect();
     assert_eq!(
-        (ids.len(), dirs.len(), got.len()),
-        (n, n, n),
-        "ids, work dirs and names are unique"
+        (ids.len(), dirs.len(), got.len(), macs.len()),
+        (n, n, n, n),
+        "ids, work dirs, names and MACs are unique"
     );
     assert_eq!(work_dirs(&state).len(), n);
 
@@ -185,7 +191,14 @@ fn parallel_real_vms_get_their_own_everything() {
         .collect();
     let runs = names
         .iter()
-        .map(|name| spawn_hangar(state, &["run", "--keep", "--name", name, "--", "hostname"]))
+        .map(|name| {
+            spawn_hangar(
+                state,
+                &[
+                    "run", "--keep", "--name", name, "-p", "22", "-p", "8080", "--", "hostname",
+                ],
+            )
+        })
         .collect();
     let outputs = wait_all(runs, STORM_TIMEOUT);
     all_ok(&outputs, "run --keep");
@@ -219,9 +232,23 @@ fn parallel_real_vms_get_their_own_everything() {
         "/sockets/agent",
         "/sockets/qmp",
         "/sockets/console",
+        "/mac",
+        "/ports/0/host",
+        "/ports/1/host",
     ] {
         assert_eq!(distinct(field), n, "{field} is unique per VM");
     }
+    let host_ports: BTreeSet<u64> = vms
+        .iter()
+        .flat_map(|v| v["ports"].as_array().unwrap().iter())
+        .map(|p| p["host"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        host_ports.len(),
+        2 * n,
+        "no host port is shared: {host_ports:?}"
+    );
+    assert!(!host_ports.contains(&0));
     let removes = names
         .iter()
         .map(|name| spawn_hangar(state, &["rm", "-f", name]))

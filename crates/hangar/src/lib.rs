@@ -13,6 +13,7 @@ pub mod image;
 pub mod interrupt;
 pub mod layout;
 pub mod manager;
+pub mod net;
 pub mod record;
 pub mod size;
 pub mod spec;

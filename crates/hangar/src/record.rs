@@ -211,6 +211,14 @@ pub struct VmRecord {
     /// (kernel, hostname, addresses, boot time).
     #[serde(default)]
     pub guest: Option<hangar_proto::GuestFacts>,
+    /// The NIC's MAC address, when the VM has a network (derived from
+    /// the id, so unique in the store).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Host ports forwarded to the guest in the current or last run
+    /// (127.0.0.1), with free ports filled in for the spec's 0s.
+    #[serde(default)]
+    pub ports: Vec<crate::spec::PortForward>,
 }
 
 fn schema_one() -> u32 {
@@ -256,6 +264,8 @@ impl VmRecord {
             owner: None,
             ephemeral_for: None,
             guest: None,
+            mac: None,
+            ports: Vec::new(),
         }
     }
 

@@ -99,7 +99,8 @@ pub enum NetworkSpec {
     Tap { bridge: String },
 }
 
-/// `HOST:GUEST` TCP forward on 127.0.0.1.
+/// `HOST:GUEST` TCP forward on 127.0.0.1. `host` 0 asks for a free port
+/// chosen by the OS at each start (the one in use is in the VM record).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortForward {
@@ -151,8 +152,10 @@ pub enum SpecError {
     LabelKey { key: String },
     #[error("kernel argument {arg:?} is invalid: arguments must be non-empty and contain no whitespace or control characters")]
     KernelArg { arg: String },
-    #[error("port forward {host}:{guest} is invalid: ports must be 1-65535")]
+    #[error("port forward {host}:{guest} is invalid: the guest port must be 1-65535 (host 0 picks a free port)")]
     Port { host: u16, guest: u16 },
+    #[error("host port {host} is forwarded twice; give each forward its own host port (or 0 for a free one)")]
+    PortTwice { host: u16 },
 }
 
 /// Checks a VM or namespace name: DNS-label-like, so it can also be a
@@ -222,11 +225,18 @@ impl VmSpec {
             }
         }
         if let NetworkSpec::User { forwards } = &self.network {
-            if let Some(bad) = forwards.iter().find(|f| f.host == 0 || f.guest == 0) {
+            if let Some(bad) = forwards.iter().find(|f| f.guest == 0) {
                 return Err(SpecError::Port {
                     host: bad.host,
                     guest: bad.guest,
                 });
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(twice) = forwards
+                .iter()
+                .find(|f| f.host != 0 && !seen.insert(f.host))
+            {
+                return Err(SpecError::PortTwice { host: twice.host });
             }
         }
         Ok(())

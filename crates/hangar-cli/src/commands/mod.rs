@@ -80,6 +80,7 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
         .with_context(|| format!("--memory {}", resources.memory))?;
     spec.kernel_args = resources.kernel_args.clone();
     spec.vsock = resources.vsock;
+    spec.network = network_from(resources)?;
     for label in &resources.labels {
         let (key, value) = label
             .split_once('=')
@@ -88,6 +89,39 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     }
     spec.validate()?;
     Ok(spec)
+}
+
+/// `--network` and `-p` as a network spec.
+fn network_from(resources: &ResourceArgs) -> anyhow::Result<hangar::spec::NetworkSpec> {
+    use hangar::spec::{NetworkSpec, PortForward};
+    let forwards = resources
+        .publish
+        .iter()
+        .map(|text| {
+            let bad = || {
+                anyhow::anyhow!(
+                    "--publish {text:?} must be HOST:GUEST or GUEST (ports 1-65535; host 0 or none picks a free port)"
+                )
+            };
+            let (host, guest) = match text.split_once(':') {
+                Some((host, guest)) => (host.parse().map_err(|_| bad())?, guest),
+                None => (0, text.as_str()),
+            };
+            Ok(PortForward {
+                host,
+                guest: guest.parse().map_err(|_| bad())?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    match resources.network.as_deref() {
+        None if forwards.is_empty() => Ok(NetworkSpec::None),
+        None | Some("user") => Ok(NetworkSpec::User { forwards }),
+        Some("none") if forwards.is_empty() => Ok(NetworkSpec::None),
+        Some("none") => anyhow::bail!("--publish needs a network: drop --network none"),
+        Some(other) => {
+            anyhow::bail!("--network {other:?} is not known: use \"user\" or \"none\"")
+        }
+    }
 }
 
 /// Prints a VM as JSON, or its name.

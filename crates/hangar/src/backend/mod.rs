@@ -32,6 +32,8 @@ pub struct Launched {
     pub pid: Option<u32>,
     pub pid_start_time: Option<u64>,
     pub sockets: Sockets,
+    /// Host port forwards in effect (free ports filled in).
+    pub ports: Vec<crate::spec::PortForward>,
 }
 
 /// What the VMM process is doing, as far as the host can tell.

@@ -40,10 +40,12 @@ impl Backend for NoopBackend {
 
     fn launch(&self, _vm: &VmRecord, _plan: &LaunchPlan) -> Result<Launched, BackendError> {
         std::thread::sleep(self.delay);
+        // Nothing listens, so no host ports are taken.
         Ok(Launched {
             pid: None,
             pid_start_time: None,
             sockets: Default::default(),
+            ports: Vec::new(),
         })
     }
 

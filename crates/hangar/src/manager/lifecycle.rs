@@ -101,6 +101,7 @@ impl Manager {
             r.pid = launched.pid;
             r.pid_start_time = launched.pid_start_time;
             r.sockets = launched.sockets.clone();
+            r.ports = launched.ports.clone();
             r.started_at = Some(chrono::Utc::now());
             Ok::<_, ManagerError>(())
         });
@@ -300,6 +301,10 @@ impl Manager {
         if record.spec.vsock {
             // The agent loads the vsock modules and listens on vsock too.
             cmdline.push_str(" hangar.vsock=1");
+        }
+        if matches!(record.spec.network, crate::spec::NetworkSpec::User { .. }) {
+            // The agent gives eth0 user-mode networking's fixed address.
+            cmdline.push_str(" hangar.net=user");
         }
         for arg in &record.spec.kernel_args {
             cmdline.push(' ');

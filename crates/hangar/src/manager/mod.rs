@@ -109,6 +109,9 @@ impl Manager {
         let work_dir = self.layout.vm_dir(&id);
         let mut record = VmRecord::new(id, spec, backend, work_dir.clone());
         record.ephemeral_for = ephemeral_for;
+        if record.spec.network != crate::spec::NetworkSpec::None {
+            record.mac = crate::net::mac_for(&record.id);
+        }
         self.store.insert(&record)?;
         if let Err(err) = create_private_dir(&work_dir) {
             let _ = self.store.delete(&record.id);
@@ -298,6 +301,8 @@ pub fn new_id() -> Result<String, ManagerError> {
         path: Path::new("/dev/urandom").to_path_buf(),
         source: std::io::Error::other(err),
     })?;
+    // The id doubles as the VM's MAC address: make it a valid local one.
+    bytes[0] = crate::net::local_unicast(bytes[0]);
     Ok(hex::encode(bytes))
 }
 

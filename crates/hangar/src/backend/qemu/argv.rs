@@ -28,6 +28,16 @@ pub struct QemuArgs {
     pub pidfile: PathBuf,
     /// The guest's vsock context id, when the VM has vsock (vhost-vsock).
     pub vsock_cid: Option<u32>,
+    /// User-mode networking, when the VM has a network.
+    pub user_net: Option<UserNet>,
+}
+
+/// A virtio NIC on QEMU's user-mode network, with TCP forwards from
+/// 127.0.0.1 (never other host addresses).
+#[derive(Clone, Debug)]
+pub struct UserNet {
+    pub mac: String,
+    pub forwards: Vec<crate::spec::PortForward>,
 }
 
 /// Doubles commas so a path can sit inside a QEMU option string.
@@ -85,6 +95,17 @@ impl QemuArgs {
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-pci,rng=rng0"]);
         // A guest reboot or panic ends the VMM instead of looping.
+        if let Some(net) = &self.user_net {
+            let mut netdev = String::from("user,id=net0");
+            for forward in &net.forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
+                    forward.host, forward.guest
+                ));
+            }
+            let nic = format!("virtio-net-pci,netdev=net0,mac={}", net.mac);
+            push(&["-netdev", &netdev, "-device", &nic]);
+        }
         if let Some(cid) = self.vsock_cid {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
@@ -114,7 +135,34 @@ mod tests {
             console_log: "/s/console.log".into(),
             pidfile: "/s/qemu.pid".into(),
             vsock_cid: None,
+            user_net: None,
         }
+    }
+
+    #[test]
+    fn user_net_forwards_only_from_loopback() {
+        let mut with = args();
+        with.user_net = Some(UserNet {
+            mac: "02:00:00:00:00:01".into(),
+            forwards: vec![crate::spec::PortForward {
+                host: 40022,
+                guest: 22,
+            }],
+        });
+        let joined: Vec<String> = with
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let i = joined.iter().position(|a| a == "-netdev").unwrap();
+        assert_eq!(
+            joined[i + 1],
+            "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"
+        );
+        assert_eq!(
+            joined[i + 3],
+            "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::{
 use crate::guest::AgentEndpoint;
 use crate::record::{BackendKind, Sockets, VmRecord};
 use crate::spec::{ImageSource, NetworkSpec, VmSpec};
-use argv::QemuArgs;
+use argv::{QemuArgs, UserNet};
 use qmp::{QmpClient, QmpCommand};
 
 /// How long QEMU may take to initialise and daemonize.
@@ -139,10 +139,10 @@ impl Backend for QemuBackend {
                 "this version boots only the embedded default image",
             ));
         }
-        if !matches!(spec.network, NetworkSpec::None) {
+        if matches!(spec.network, NetworkSpec::Tap { .. }) {
             return Err(unsupported(
-                "attach a network",
-                "networking is not implemented yet",
+                "attach a TAP device",
+                "TAP networking is not implemented yet; use user-mode networking (--network user)",
             ));
         }
         if spec.cloud_init.is_some() || !spec.shared_dirs.is_empty() {
@@ -204,7 +204,11 @@ impl Backend for QemuBackend {
             cid,
             port: hangar_proto::AGENT_VSOCK_PORT,
         });
-        let args = QemuArgs {
+        let forwards = match &vm.spec.network {
+            NetworkSpec::User { forwards } => Some(forwards.as_slice()),
+            _ => None,
+        };
+        let mut args = QemuArgs {
             name: vm.name.clone(),
             accel: plan.accel,
             bios: self.bios(),
@@ -219,43 +223,32 @@ impl Backend for QemuBackend {
             console_log: sockets.console_log.clone().unwrap_or_default(),
             pidfile: pidfile.clone(),
             vsock_cid,
+            user_net: None,
         };
         let log_path = vm.work_dir.join("qemu.log");
-        let log = crate::fsutil::create_private(&log_path).map_err(io(&log_path))?;
-        let mut child = Command::new(&binary)
-            .args(args.to_argv())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .current_dir(&vm.work_dir)
-            .spawn()
-            .map_err(|err| BackendError::Launch {
-                what: format!("starting {}", binary.display()),
-                detail: err.to_string(),
-            })?;
-        // With -daemonize the first process exits once QEMU is initialised
-        // (or failed); its exit status says which.
-        let deadline = Instant::now() + DAEMONIZE_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(io(&binary))? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(BackendError::Launch {
-                    what: "QEMU initialisation".into(),
-                    detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
+        let mut ports = Vec::new();
+        for attempt in 1..=PORT_ATTEMPTS {
+            if let Some(forwards) = forwards {
+                ports = crate::net::assign_ports(forwards).map_err(io(Path::new("127.0.0.1")))?;
+                args.user_net = Some(UserNet {
+                    mac: vm
+                        .mac
+                        .clone()
+                        .or_else(|| crate::net::mac_for(&vm.id))
+                        .unwrap_or_default(),
+                    forwards: ports.clone(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        if !status.success() {
-            let detail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(BackendError::Launch {
-                what: "QEMU".into(),
-                detail: format!("exited with {status}: {}", detail.trim()),
-            });
+            match spawn_daemonized(&binary, &args, &vm.work_dir, &log_path) {
+                Ok(()) => break,
+                // A free port taken by someone else between our check and
+                // QEMU's bind: pick again.
+                Err(BackendError::Launch { detail, .. })
+                    if attempt < PORT_ATTEMPTS
+                        && detail.contains("host forwarding")
+                        && forwards.is_some_and(|f| f.iter().any(|p| p.host == 0)) => {}
+                Err(err) => return Err(err),
+            }
         }
         let pid: u32 = std::fs::read_to_string(&pidfile)
             .map_err(io(&pidfile))?
@@ -273,6 +266,7 @@ impl Backend for QemuBackend {
             pid: Some(pid),
             pid_start_time: process::start_time(pid),
             sockets,
+            ports,
         })
     }
 
@@ -346,4 +340,56 @@ impl Pausable for QemuBackend {
     fn resume(&self, vm: &VmRecord) -> Result<(), BackendError> {
         self.qmp(vm)?.execute(QmpCommand::Cont).map(drop)
     }
+}
+
+/// How often a start picks new free ports when one was taken meanwhile.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Runs QEMU with `-daemonize` and waits for its first process to exit:
+/// success once QEMU is initialised, else its log says why.
+fn spawn_daemonized(
+    binary: &Path,
+    args: &QemuArgs,
+    work_dir: &Path,
+    log_path: &Path,
+) -> Result<(), BackendError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BackendError::Io { path, source }
+    };
+    let log = crate::fsutil::create_private(log_path).map_err(io(log_path))?;
+    let mut child = Command::new(binary)
+        .args(args.to_argv())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .current_dir(work_dir)
+        .spawn()
+        .map_err(|err| BackendError::Launch {
+            what: format!("starting {}", binary.display()),
+            detail: err.to_string(),
+        })?;
+    let deadline = Instant::now() + DAEMONIZE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io(binary))? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BackendError::Launch {
+                what: "QEMU initialisation".into(),
+                detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let detail = std::fs::read_to_string(log_path).unwrap_or_default();
+    Err(BackendError::Launch {
+        what: "QEMU".into(),
+        detail: format!("exited with {status}: {}", detail.trim()),
+    })
 }
