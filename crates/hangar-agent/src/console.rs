@@ -35,7 +35,11 @@ fn run_once(reaper: &Reaper) -> std::io::Result<()> {
         .env("TERM", "linux")
         .env("HOME", "/root")
         .env("PATH", crate::init::DEFAULT_PATH)
-        .current_dir("/root")
+        .current_dir(if std::path::Path::new("/root").is_dir() {
+            "/root"
+        } else {
+            "/"
+        })
         .stdin(tty.try_clone()?)
         .stdout(tty.try_clone()?)
         .stderr(tty);

@@ -10,6 +10,42 @@ use crate::sys;
 pub const BOOT_MODULES: &str = "/hangar/modules";
 /// Modules for vsock, loaded only when the VM has a vsock device.
 pub const VSOCK_MODULES: &str = "/hangar/modules-vsock";
+/// Modules for an image's root file system (ext4), loaded only for
+/// `hangar.root=`.
+pub const ROOTFS_MODULES: &str = "/hangar/modules-rootfs";
+/// Where the image's root file system is mounted before it becomes `/`.
+const SYSROOT: &str = "/sysroot";
+/// How long to wait for the root disk to appear.
+const ROOT_DEVICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Makes the ext4 file system on `device` the root: mounts it, moves the
+/// kernel file systems into it, and moves it over `/` (what switch_root
+/// does, without deleting the initramfs). The agent keeps running as PID
+/// 1; every command from here on sees the image.
+pub fn switch_root(device: &str) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + ROOT_DEVICE_TIMEOUT;
+    while !std::path::Path::new(device).exists() {
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("root disk {device} did not appear (is virtio_blk loaded?)"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::fs::create_dir_all(SYSROOT)?;
+    sys::mount_from(device, SYSROOT, "ext4", 0)?;
+    for dir in ["/dev", "/proc", "/sys", "/run"] {
+        let inside = format!("{SYSROOT}{dir}");
+        std::fs::create_dir_all(&inside)?;
+        sys::move_mount(dir, &inside)?;
+    }
+    std::env::set_current_dir(SYSROOT)?;
+    sys::move_mount(".", "/")?;
+    sys::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
 
 /// Default `PATH` for commands the agent runs.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -51,7 +51,20 @@ fn main() {
             sys::power_off();
         }
         init::load_modules(init::BOOT_MODULES);
-        net::configure(cmdline.value("hangar.net"));
+        // Network first: it uses the initramfs's busybox `ip`, which an
+        // image's root may not have.
+        let net_mode = cmdline.value("hangar.net");
+        net::configure(net_mode);
+        if let Some(device) = cmdline.value("hangar.root") {
+            init::load_modules(init::ROOTFS_MODULES);
+            if let Err(err) = init::switch_root(device) {
+                log(&format!(
+                    "cannot switch to the image's root file system: {err}"
+                ));
+                sys::power_off();
+            }
+            net::write_resolv_conf(net_mode);
+        }
         let count = cmdline
             .value("hangar.ports")
             .and_then(|n| n.parse::<u32>().ok())

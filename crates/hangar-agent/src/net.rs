@@ -36,11 +36,26 @@ fn user_network() {
     let ok = run(&["ip", "link", "set", "eth0", "up"])
         && run(&["ip", "addr", "add", USER_ADDRESS, "dev", "eth0"])
         && run(&["ip", "route", "add", "default", "via", USER_GATEWAY]);
-    if let Err(err) = std::fs::write("/etc/resolv.conf", format!("nameserver {USER_DNS}\n")) {
-        crate::log(&format!("/etc/resolv.conf: {err}"));
-    }
+    write_resolv_conf(Some("user"));
     if ok {
         crate::log(&format!("eth0 {USER_ADDRESS} via {USER_GATEWAY}"));
+    }
+}
+
+/// Points the resolver at user-mode networking's DNS (again after the
+/// root moved to an image).
+pub fn write_resolv_conf(mode: Option<&str>) {
+    if mode != Some("user") {
+        return;
+    }
+    // An image's /etc/resolv.conf may be a dangling symlink (systemd-
+    // resolved): replace the link, never write through it.
+    let path = std::path::Path::new("/etc/resolv.conf");
+    if path.is_symlink() {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Err(err) = std::fs::write(path, format!("nameserver {USER_DNS}\n")) {
+        crate::log(&format!("/etc/resolv.conf: {err}"));
     }
 }
 

@@ -36,6 +36,72 @@ pub fn mount(fstype: &str, target: &str, options: &str) -> io::Result<()> {
     ))
 }
 
+/// Mounts `source` (a device) at `target` with `fstype`.
+pub fn mount_from(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    let source_c = CString::new(source)?;
+    let target_c = CString::new(target)?;
+    let fstype_c = CString::new(fstype)?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source_c.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let err = io::Error::last_os_error();
+        Err(io::Error::new(
+            err.kind(),
+            format!("mount {source} on {target} ({fstype}): {err}"),
+        ))
+    }
+}
+
+/// Moves the mount at `from` (with everything mounted below it) to `to`.
+pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
+    let from_c = CString::new(from)?;
+    let to_c = CString::new(to)?;
+    // SAFETY: valid NUL-terminated strings; MS_MOVE takes no type or data.
+    let rc = unsafe {
+        libc::mount(
+            from_c.as_ptr(),
+            to_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let err = io::Error::last_os_error();
+        Err(io::Error::new(
+            err.kind(),
+            format!("move mount {from} to {to}: {err}"),
+        ))
+    }
+}
+
+pub fn chroot(path: &str) -> io::Result<()> {
+    let path_c = CString::new(path)?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::chroot(path_c.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Loads a kernel module from a file. Already-loaded modules are fine.
 pub fn load_module(path: &str) -> io::Result<()> {
     let file = std::fs::File::open(path)?;

@@ -82,6 +82,9 @@ pub enum Command {
     Down(UpArgs),
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
+    /// OCI images: import, ls, inspect, rm.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Write the guest agent (a static x86_64 binary) to a file, to put in
     /// a disk image and run as a service (see contrib/hangar-agent.service).
     Agent(AgentArgs),
@@ -164,7 +167,8 @@ pub struct CommandArgs {
     #[arg(long, short = 'w')]
     pub workdir: Option<String>,
     /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// (For `run --image`, the image's Entrypoint/Cmd when left out.)
+    #[arg(last = true, value_name = "CMD")]
     pub argv: Vec<String>,
 }
 
@@ -268,6 +272,26 @@ pub struct ExecArgs {
     pub vm: VmArg,
     #[command(flatten)]
     pub command: CommandArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import an OCI layout (directory or tar) or a `docker save` archive.
+    Import {
+        /// The directory or tar file.
+        source: PathBuf,
+        /// Name for the image, NAME[:TAG] (required when the source names
+        /// none).
+        #[arg(long, short = 't')]
+        tag: Option<String>,
+    },
+    /// List stored images.
+    #[command(alias = "list")]
+    Ls,
+    /// Show an image's record as JSON.
+    Inspect { reference: String },
+    /// Remove an image name (the image goes with its last name).
+    Rm { reference: String },
 }
 
 #[derive(Debug, Args)]

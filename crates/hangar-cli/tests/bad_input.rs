@@ -72,7 +72,7 @@ fn unknown_image_is_refused() {
     refused(
         &["run", "--image", "alpine:3.20", "--", "true"],
         &[],
-        "unknown image \"alpine:3.20\"",
+        "image alpine:3.20 is not in the image store",
     );
 }
 

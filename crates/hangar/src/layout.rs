@@ -4,12 +4,19 @@
 //! <state>/                      0700
 //!   hangar.db                   SQLite store (WAL): VM records
 //!   hangar.lock                 held briefly while a process opens the store
-//!   vms/<id>/                   a VM's work dir: qmp.sock, agent.sock,
+//!   vms/<id>/                   a VM's work dir: qmp.sock, agent*.sock,
 //!                               console.sock, console.log, qemu.pid,
-//!                               qemu.stderr
+//!                               qemu.log, root.qcow2 (its overlay of an
+//!                               OCI image's root file system)
 //!   images-v1/default/<key>/    the embedded default image: vmlinux,
 //!                               initramfs.cpio, image.json (key = its inputs)
-//!   images-v1/tmp/              half-built images (removed by gc)
+//!   images-v1/oci/<hex>/        an OCI image by manifest digest: image.json,
+//!                               rootfs.ext4 (see image::catalog)
+//!   images-v1/oci/refs/<name>   which manifest digest a name points to
+//!   images-v1/tmp/              half-built images and imports (removed by gc)
+//!   blobs-v1/sha256/<hex>       content-addressed blobs, each verified
+//!                               against its digest and size (image::blobs)
+//!   blobs-v1/tmp/               blobs being written
 //!   packages-v1/                Debian packages Hangar downloaded itself
 //!   cache-v1/accel.json         the accelerator probe's cached verdict
 //! ```

@@ -6,6 +6,7 @@ mod bench_exec;
 mod console;
 mod control;
 mod copy;
+mod image;
 mod lifecycle;
 mod run;
 mod show;
@@ -36,6 +37,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Logs(args) => show::logs(global, args),
         Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
+        Command::Image(command) => image::image(global, command),
         Command::Agent(args) => show::export_agent(global, &args.output),
         Command::Gc => show::gc(global),
         Command::Up(args) => up::up(global, args),

@@ -15,6 +15,10 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let spec = spec_from(name, &args.resources)?;
     let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
+    // A missing image is the user's first problem, before any probe talk.
+    if let hangar::spec::ImageSource::Oci { reference } = &spec.image {
+        manager.image(reference)?;
+    }
     super::note_accelerator(&mut manager, global)?;
     let raw = raw_mode_for(&request, &io)?;
     let spinner = Spinner::start("booting VM", global.json);

@@ -44,6 +44,12 @@ pub fn check_prerequisites() {
     if !Path::new("/bin/busybox").exists() {
         missing.push("/bin/busybox (apt-get install busybox-static)");
     }
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        missing.push("qemu-img (apt-get install qemu-utils)");
+    }
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        missing.push("mkfs.ext4 (apt-get install e2fsprogs)");
+    }
     assert!(
         missing.is_empty(),
         "real-VM tests need: {} — run `make deps` (CI={:?})",

@@ -20,6 +20,9 @@ use crate::spec::VmSpec;
 pub struct LaunchPlan {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
+    /// A read-only base root file system (an OCI image's ext4); the VM
+    /// writes to its own copy-on-write overlay of it.
+    pub root_disk: Option<PathBuf>,
     pub cmdline: String,
     pub cpus: u32,
     pub memory: ByteSize,

@@ -43,13 +43,16 @@ const GUEST_MODULES: &[&str] = &[
 /// vsock device (`hangar.vsock=1`), so other boots do not pay for them.
 const VSOCK_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
 
+/// Modules for an OCI image's ext4 root file system (`hangar.root=`).
+const ROOTFS_MODULES: &[&str] = &["ext4"];
+
 /// Folders searched for the kernel package after the state dir's own.
 const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/archives"];
 /// The Debian metapackage that names the current cloud kernel package.
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes, so old cached images are not used.
-const IMAGE_FORMAT: u32 = 2;
+const IMAGE_FORMAT: u32 = 3;
 
 /// Why the default image could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -337,16 +340,24 @@ fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
     let modules_dir = pkg.join("lib/modules").join(&release);
     let index = ModuleIndex::load(&modules_dir)?;
     let boot = index.load_order(GUEST_MODULES)?;
-    let vsock: Vec<PathBuf> = index
-        .load_order(VSOCK_MODULES)?
-        .into_iter()
-        .filter(|module| !boot.contains(module))
-        .collect();
+    let only_extra = |wanted: &[&str]| -> Result<Vec<PathBuf>, ModulesError> {
+        Ok(index
+            .load_order(wanted)?
+            .into_iter()
+            .filter(|module| !boot.contains(module))
+            .collect())
+    };
+    let vsock = only_extra(VSOCK_MODULES)?;
+    let rootfs = only_extra(ROOTFS_MODULES)?;
     write_initramfs(
         &dir.join("initramfs.cpio"),
         &modules_dir,
         &release,
-        &[("hangar/modules", &boot), ("hangar/modules-vsock", &vsock)],
+        &[
+            ("hangar/modules", &boot),
+            ("hangar/modules-vsock", &vsock),
+            ("hangar/modules-rootfs", &rootfs),
+        ],
     )?;
     Ok(release)
 }
@@ -401,10 +412,13 @@ fn write_initramfs(
             }
         }
         let guest_dir = format!("lib/modules/{release}");
-        let modules: Vec<&PathBuf> = module_lists
+        // A module may sit in two lists (shared dependencies): one copy.
+        let mut modules: Vec<&PathBuf> = module_lists
             .iter()
             .flat_map(|(_, modules)| modules.iter())
             .collect();
+        modules.sort();
+        modules.dedup();
         let mut made = std::collections::BTreeSet::new();
         for module in &modules {
             let guest_path = format!("{guest_dir}/{}", module.display());

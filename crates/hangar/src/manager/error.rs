@@ -66,8 +66,18 @@ pub enum ManagerError {
         argv: String,
         status: String,
     },
-    #[error("unknown image {reference:?}: this version boots only the embedded image \"default\" (OCI and disk images are not supported yet)")]
+    #[error(
+        "image source {reference:?} is not supported yet: use \"default\" or an imported OCI image"
+    )]
     UnknownImage { reference: String },
+    #[error("image {reference} is used by VMs {vms}; remove them first")]
+    ImageInUse { reference: String, vms: String },
+    #[error(transparent)]
+    Catalog(#[from] crate::image::catalog::CatalogError),
+    #[error(transparent)]
+    Import(#[from] crate::image::import::ImportError),
+    #[error(transparent)]
+    Rootfs(#[from] crate::image::rootfs::RootfsError),
     #[error("{0}")]
     Config(String),
     #[error("interrupted")]

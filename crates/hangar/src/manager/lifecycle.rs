@@ -282,14 +282,20 @@ impl Manager {
             return Ok(LaunchPlan {
                 kernel: Default::default(),
                 initramfs: None,
+                root_disk: None,
                 cmdline: String::new(),
                 cpus: record.spec.cpus,
                 memory: record.spec.memory,
                 accel: Accel::Tcg,
             });
         }
-        let image = match &record.spec.image {
-            ImageSource::Default => self.default_image()?,
+        let (image, root_disk) = match &record.spec.image {
+            ImageSource::Default => (self.default_image()?, None),
+            // The default kernel and agent initramfs, switching root into
+            // the image's file system.
+            ImageSource::Oci { reference } => {
+                (self.default_image()?, Some(self.image_rootfs(reference)?))
+            }
             other => {
                 return Err(ManagerError::UnknownImage {
                     reference: format!("{other:?}"),
@@ -302,6 +308,9 @@ impl Manager {
             // The agent loads the vsock modules and listens on vsock too.
             cmdline.push_str(" hangar.vsock=1");
         }
+        if root_disk.is_some() {
+            cmdline.push_str(" hangar.root=/dev/vda");
+        }
         if matches!(record.spec.network, crate::spec::NetworkSpec::User { .. }) {
             // The agent gives eth0 user-mode networking's fixed address.
             cmdline.push_str(" hangar.net=user");
@@ -313,6 +322,7 @@ impl Manager {
         Ok(LaunchPlan {
             kernel: image.kernel,
             initramfs: Some(image.initramfs),
+            root_disk,
             cmdline,
             cpus: record.spec.cpus,
             memory: record.spec.memory,

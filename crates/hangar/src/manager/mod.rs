@@ -6,6 +6,7 @@ mod copy;
 mod error;
 mod filter;
 mod gc;
+mod images;
 mod lifecycle;
 mod reconcile;
 mod run;
@@ -101,6 +102,8 @@ impl Manager {
         ephemeral_for: Option<ProcessRef>,
     ) -> Result<VmRecord, ManagerError> {
         spec.validate()?;
+        let mut spec = spec;
+        spec.image = self.pin_image(spec.image)?;
         let name = spec.name.clone();
         self.backend(backend)?
             .check(&spec)
@@ -288,9 +291,13 @@ impl Manager {
 pub fn parse_image(reference: &str) -> Result<ImageSource, ManagerError> {
     match reference {
         "" | "default" => Ok(ImageSource::Default),
-        other => Err(ManagerError::UnknownImage {
-            reference: other.to_owned(),
-        }),
+        other => {
+            crate::image::oci::normalize_reference(other)
+                .map_err(crate::image::catalog::CatalogError::from)?;
+            Ok(ImageSource::Oci {
+                reference: other.to_owned(),
+            })
+        }
     }
 }
 

@@ -35,11 +35,28 @@ impl Manager {
         sink: &mut dyn OutputSink,
     ) -> Result<ExitStatus, ManagerError> {
         let (record, mut client) = self.running_agent(namespace, key, "run a command in it")?;
+        let request = self.runnable(&record, request)?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_only_check(pid, start);
         client
             .exec_with(request, io, sink, &mut check)
             .map_err(|source| self.guest_error(&record, source))
+    }
+
+    /// The request with the VM image's defaults, refused if it still has
+    /// no program to run.
+    fn runnable(
+        &self,
+        record: &VmRecord,
+        request: ExecRequest,
+    ) -> Result<ExecRequest, ManagerError> {
+        let request = self.with_image_defaults(record, request)?;
+        if request.argv.is_empty() {
+            return Err(ManagerError::Config(
+                "no command to run: give one after `--` (the image names none)".into(),
+            ));
+        }
+        Ok(request)
     }
 
     /// A session with the agent of a VM that must be running; `action`
@@ -109,6 +126,13 @@ impl Manager {
         // by SIGKILL), `gc` removes the VM.
         let ephemeral_for = if keep { None } else { process::current() };
         let record = self.create_record(spec, BackendKind::Qemu, ephemeral_for)?;
+        let request = match self.runnable(&record, request) {
+            Ok(request) => request,
+            Err(err) => {
+                let _ = self.remove(None, &record.id, true);
+                return Err(err);
+            }
+        };
         let result = self.start_and_exec(&record, request, io, sink);
         match result {
             Ok((status, _client)) if keep => Ok(RunOutcome {

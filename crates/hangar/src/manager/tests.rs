@@ -63,8 +63,24 @@ fn names_are_unique_per_namespace_only() {
 }
 
 #[test]
-fn image_references_other_than_default_are_unknown() {
+fn image_references_are_default_or_oci_and_must_be_imported() {
     assert_eq!(parse_image("default").unwrap(), ImageSource::Default);
-    let err = parse_image("alpine:3.20").unwrap_err();
-    assert!(err.to_string().contains("unknown image"), "{err}");
+    assert_eq!(
+        parse_image("alpine:3.20").unwrap(),
+        ImageSource::Oci {
+            reference: "alpine:3.20".into()
+        }
+    );
+    let err = parse_image("bad ref").unwrap_err();
+    assert!(err.to_string().contains("is not valid"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let mut spec = VmSpec::new("web");
+    spec.image = parse_image("alpine:3.20").unwrap();
+    let err = m.create(spec, BackendKind::Noop).unwrap_err();
+    assert!(
+        err.to_string().contains("is not in the image store"),
+        "{err}"
+    );
+    assert!(m.list().unwrap().is_empty());
 }

@@ -30,6 +30,8 @@ pub struct QemuArgs {
     pub vsock_cid: Option<u32>,
     /// User-mode networking, when the VM has a network.
     pub user_net: Option<UserNet>,
+    /// The VM's root disk (a qcow2 overlay), when it boots an image.
+    pub root_disk: Option<PathBuf>,
 }
 
 /// A virtio NIC on QEMU's user-mode network, with TCP forwards from
@@ -95,6 +97,13 @@ impl QemuArgs {
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-pci,rng=rng0"]);
         // A guest reboot or panic ends the VMM instead of looping.
+        if let Some(disk) = &self.root_disk {
+            let drive = format!(
+                "file={},format=qcow2,if=none,id=root,discard=unmap",
+                escape(disk)
+            );
+            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
+        }
         if let Some(net) = &self.user_net {
             let mut netdev = String::from("user,id=net0");
             for forward in &net.forwards {
@@ -136,6 +145,7 @@ mod tests {
             pidfile: "/s/qemu.pid".into(),
             vsock_cid: None,
             user_net: None,
+            root_disk: None,
         }
     }
 

@@ -133,10 +133,10 @@ impl Backend for QemuBackend {
             what: what.into(),
             why: why.into(),
         };
-        if !matches!(spec.image, ImageSource::Default) {
+        if !matches!(spec.image, ImageSource::Default | ImageSource::Oci { .. }) {
             return Err(unsupported(
                 "boot this image source",
-                "this version boots only the embedded default image",
+                "this version boots the embedded default image and OCI images",
             ));
         }
         if matches!(spec.network, NetworkSpec::Tap { .. }) {
@@ -224,6 +224,10 @@ impl Backend for QemuBackend {
             pidfile: pidfile.clone(),
             vsock_cid,
             user_net: None,
+            root_disk: match &plan.root_disk {
+                Some(base) => Some(root_overlay(base, &vm.work_dir)?),
+                None => None,
+            },
         };
         let log_path = vm.work_dir.join("qemu.log");
         let mut ports = Vec::new();
@@ -340,6 +344,33 @@ impl Pausable for QemuBackend {
     fn resume(&self, vm: &VmRecord) -> Result<(), BackendError> {
         self.qmp(vm)?.execute(QmpCommand::Cont).map(drop)
     }
+}
+
+/// The VM's copy-on-write overlay of `base`, made on its first start and
+/// kept across restarts (like a container's writable layer).
+fn root_overlay(base: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
+    let overlay = work_dir.join("root.qcow2");
+    if overlay.is_file() {
+        return Ok(overlay);
+    }
+    let output = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(&overlay)
+        .output()
+        .map_err(|err| BackendError::Launch {
+            what: "qemu-img (install qemu-utils)".into(),
+            detail: err.to_string(),
+        })?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&overlay);
+        return Err(BackendError::Launch {
+            what: "creating the root disk overlay".into(),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    let _ = std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600));
+    Ok(overlay)
 }
 
 /// How often a start picks new free ports when one was taken meanwhile.

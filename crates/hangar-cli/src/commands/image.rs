@@ -1,0 +1,95 @@
+//! `image import|ls|inspect|rm`.
+
+use super::open;
+use crate::cli::{Global, ImageCommand};
+use crate::output::{print_json, Spinner};
+
+pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
+    let mut manager = open(global)?;
+    match command {
+        ImageCommand::Import { source, tag } => {
+            let spinner = Spinner::start("importing image", global.json);
+            let imported = manager.import_image(&source, tag.as_deref());
+            spinner.finish();
+            let imported = imported?;
+            if global.json {
+                let list: Vec<_> = imported
+                    .iter()
+                    .map(|(names, record)| serde_json::json!({"names": names, "image": record}))
+                    .collect();
+                print_json(&list)?;
+            } else {
+                for (names, record) in &imported {
+                    println!("{} {}", names.join(","), record.manifest_digest);
+                }
+            }
+        }
+        ImageCommand::Ls => {
+            let images = manager.images()?;
+            if global.json {
+                let list: Vec<_> = images
+                    .iter()
+                    .map(|(names, record)| serde_json::json!({"names": names, "image": record}))
+                    .collect();
+                return print_json(&list).map(|()| 0);
+            }
+            let rows = images
+                .iter()
+                .map(|(names, record)| {
+                    vec![
+                        if names.is_empty() {
+                            "<none>".to_owned()
+                        } else {
+                            names.join(",")
+                        },
+                        short_digest(&record.manifest_digest),
+                        format!("{:.1} MB", record.size as f64 / 1e6),
+                        record.imported_at.format("%Y-%m-%d %H:%M").to_string(),
+                    ]
+                })
+                .collect();
+            print_rows(&["NAME", "DIGEST", "SIZE", "IMPORTED"], rows)?;
+        }
+        ImageCommand::Inspect { reference } => print_json(&manager.image(&reference)?)?,
+        ImageCommand::Rm { reference } => {
+            let digest = manager.remove_image(&reference)?;
+            if global.json {
+                print_json(&serde_json::json!({"removed": reference, "digest": digest}))?;
+            } else {
+                println!("{reference}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Left-aligned columns as wide as their widest cell.
+fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(header).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+fn short_digest(digest: &str) -> String {
+    digest
+        .strip_prefix("sha256:")
+        .unwrap_or(digest)
+        .chars()
+        .take(12)
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! OCI images for VMs: import, list, remove, and what a VM of an image
+//! boots and runs.
+
+use std::path::{Path, PathBuf};
+
+use hangar_proto::ExecRequest;
+
+use super::{Manager, ManagerError};
+use crate::image::blobs::BlobStore;
+use crate::image::catalog::{Catalog, ImageRecord};
+use crate::image::import::{import, Imported};
+use crate::image::rootfs::ensure_rootfs;
+use crate::record::VmRecord;
+use crate::spec::ImageSource;
+
+impl Manager {
+    pub fn blob_store(&self) -> BlobStore {
+        BlobStore::new(self.layout.root())
+    }
+
+    pub fn image_catalog(&self) -> Catalog {
+        Catalog::new(self.layout.root())
+    }
+
+    /// Imports an OCI layout or `docker save` archive: every blob checked,
+    /// the root file system built (so a hostile or broken layer is refused
+    /// now), and only then the names recorded.
+    pub fn import_image(&self, source: &Path, tag: Option<&str>) -> Result<Imported, ManagerError> {
+        let scratch = self.layout.images_dir().join("tmp");
+        crate::layout::create_private_dir(&scratch)?;
+        let imported = import(source, tag, &self.blob_store(), &scratch)?;
+        for (names, record) in &imported {
+            self.build_rootfs(record)?;
+            self.image_catalog().save(record, names)?;
+        }
+        Ok(imported)
+    }
+
+    pub fn images(&self) -> Result<Vec<(Vec<String>, ImageRecord)>, ManagerError> {
+        Ok(self.image_catalog().list()?)
+    }
+
+    pub fn image(&self, reference: &str) -> Result<ImageRecord, ManagerError> {
+        Ok(self.image_catalog().resolve(reference)?)
+    }
+
+    /// Removes an image name, refused while a VM was made from the image.
+    pub fn remove_image(&mut self, reference: &str) -> Result<String, ManagerError> {
+        let record = self.image(reference)?;
+        let users: Vec<String> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|vm| image_digest(vm).as_deref() == Some(record.manifest_digest.as_str()))
+            .map(|vm| vm.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ManagerError::ImageInUse {
+                reference: reference.to_owned(),
+                vms: users.join(", "),
+            });
+        }
+        Ok(self.image_catalog().remove(reference)?)
+    }
+
+    /// Pins an OCI reference to the digest it names now, so a VM keeps
+    /// its image when the name later moves.
+    pub(super) fn pin_image(&self, image: ImageSource) -> Result<ImageSource, ManagerError> {
+        match image {
+            ImageSource::Oci { reference } => {
+                let record = self.image(&reference)?;
+                let name = crate::image::oci::normalize_reference(&reference)
+                    .map_err(crate::image::catalog::CatalogError::from)?;
+                let name = name.split('@').next().unwrap_or(&name).to_owned();
+                Ok(ImageSource::Oci {
+                    reference: format!("{name}@{}", record.manifest_digest),
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The image's ext4 root file system, built on first use.
+    pub(super) fn image_rootfs(&self, reference: &str) -> Result<PathBuf, ManagerError> {
+        let record = self.image(reference)?;
+        self.build_rootfs(&record)
+    }
+
+    fn build_rootfs(&self, record: &ImageRecord) -> Result<PathBuf, ManagerError> {
+        let scratch = self.layout.images_dir().join("tmp");
+        crate::layout::create_private_dir(&scratch)?;
+        Ok(ensure_rootfs(
+            record,
+            &self.blob_store(),
+            &self.image_catalog(),
+            &scratch,
+        )?)
+    }
+
+    /// A request with the image's defaults (Env, WorkingDir, User, and
+    /// Entrypoint/Cmd when no command is given) filled in, like `docker
+    /// run`/`docker exec`.
+    pub(super) fn with_image_defaults(
+        &self,
+        vm: &VmRecord,
+        mut request: ExecRequest,
+    ) -> Result<ExecRequest, ManagerError> {
+        let ImageSource::Oci { reference } = &vm.spec.image else {
+            return Ok(request);
+        };
+        let config = self.image(reference)?.config;
+        request.argv = config.argv(&request.argv);
+        let mut env = config.env_pairs();
+        env.retain(|(key, _)| !request.env.iter().any(|(k, _)| k == key));
+        env.append(&mut request.env);
+        request.env = env;
+        if request.cwd.is_none() {
+            request.cwd = config.working_dir.filter(|dir| !dir.is_empty());
+        }
+        if request.user.is_none() {
+            request.user = config.user.filter(|user| !user.is_empty());
+        }
+        Ok(request)
+    }
+}
+
+/// The manifest digest a VM's image is pinned to.
+fn image_digest(vm: &VmRecord) -> Option<String> {
+    match &vm.spec.image {
+        ImageSource::Oci { reference } => reference.split_once('@').map(|(_, d)| d.to_owned()),
+        _ => None,
+    }
+}
