@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use hangar_proto::transfer::{self, UnpackOptions};
 use hangar_proto::{CopySummary, Frame, FrameKind, GuestMessage};
 
+use crate::exec::Credits;
 use crate::session::{self, Sender, Table};
 
 /// Tar data goes out in frames of at most this size.
@@ -28,11 +29,13 @@ pub fn copy_in(
             queue,
             chunk: Vec::new(),
             at: 0,
+            credits: Credits::new(&sender, id),
         };
         // The host is trusted with what it writes into its own guest,
         // setuid bits included (as root, like `docker cp`).
         let options = UnpackOptions {
             keep_setid_bits: true,
+            ..Default::default()
         };
         let result = transfer::unpack(input, &guest_path(&path), options);
         // Stdin that still arrives (padding, or data after an error) is
@@ -77,6 +80,7 @@ struct QueueReader {
     queue: mpsc::Receiver<Vec<u8>>,
     chunk: Vec<u8>,
     at: usize,
+    credits: Credits,
 }
 
 impl Read for QueueReader {
@@ -84,6 +88,8 @@ impl Read for QueueReader {
         while self.at == self.chunk.len() {
             match self.queue.recv() {
                 Ok(chunk) => {
+                    // Taken off the queue: the host may send that much more.
+                    self.credits.consumed(chunk.len());
                     self.chunk = chunk;
                     self.at = 0;
                 }

@@ -81,6 +81,9 @@ fn run(job: Job) {
         command.env("TERM", "xterm");
     }
     command.envs(request.env.iter().map(|(k, v)| (k, v)));
+    // Every spawn in the agent holds this lock, so none can inherit the
+    // terminal's fds in the moment before they are marked close-on-exec.
+    let mut guard = reaper.lock();
     let pty = match request.tty.map(Pty::open).transpose() {
         Ok(pty) => pty,
         Err(err) => return fail(format!("cannot open a pseudo-terminal: {err}")),
@@ -102,8 +105,6 @@ fn run(job: Job) {
     if let Err(err) = wired {
         return fail(format!("cannot set up the terminal: {err}"));
     }
-
-    let mut guard = reaper.lock();
     let spawned = command.spawn();
     // The command holds the terminal side now; the agent's copies must go,
     // or reading the controller would never see the command's end.
@@ -131,7 +132,7 @@ fn run(job: Job) {
     let pumps = match controller {
         Some(controller) => {
             if let Some(queue) = stdin {
-                write_terminal(Arc::clone(&controller), queue);
+                write_terminal(Arc::clone(&controller), queue, Credits::new(&sender, id));
             }
             sender.send_message(&GuestMessage::ExecStarted { id, pid });
             [
@@ -141,7 +142,7 @@ fn run(job: Job) {
         }
         None => {
             if let (Some(pipe), Some(queue)) = (child.stdin.take(), stdin) {
-                write_stdin(pipe, queue);
+                write_stdin(pipe, queue, Credits::new(&sender, id));
             }
             sender.send_message(&GuestMessage::ExecStarted { id, pid });
             [
@@ -171,15 +172,44 @@ fn run(job: Job) {
     sender.send_message(&GuestMessage::ExecExited { id, status });
 }
 
+/// Tells the host how much of an exec's or copy's stdin was consumed, so
+/// it may send more (`StdinCredit`).
+#[derive(Debug)]
+pub struct Credits {
+    sender: Sender,
+    id: u32,
+}
+
+impl Credits {
+    pub fn new(sender: &Sender, id: u32) -> Self {
+        Self {
+            sender: sender.clone(),
+            id,
+        }
+    }
+
+    pub fn consumed(&self, bytes: usize) {
+        self.sender.send_message(&GuestMessage::StdinCredit {
+            id: self.id,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+        });
+    }
+}
+
 /// Writes queued stdin into the command; the pipe closes when the host
 /// closes stdin (the queue's sender is dropped).
-fn write_stdin(mut pipe: std::process::ChildStdin, queue: mpsc::Receiver<Vec<u8>>) {
+fn write_stdin(
+    mut pipe: std::process::ChildStdin,
+    queue: mpsc::Receiver<Vec<u8>>,
+    credits: Credits,
+) {
     std::thread::spawn(move || {
         use std::io::Write;
         for chunk in queue {
             if pipe.write_all(&chunk).is_err() {
                 return;
             }
+            credits.consumed(chunk.len());
         }
     });
 }
@@ -187,7 +217,7 @@ fn write_stdin(mut pipe: std::process::ChildStdin, queue: mpsc::Receiver<Vec<u8>
 /// Writes queued stdin into a terminal. When the host closes stdin the
 /// terminal stays open (it carries the output); an end-of-file character
 /// tells a reading shell that input ended, as at a real terminal.
-fn write_terminal(controller: Arc<File>, queue: mpsc::Receiver<Vec<u8>>) {
+fn write_terminal(controller: Arc<File>, queue: mpsc::Receiver<Vec<u8>>, credits: Credits) {
     std::thread::spawn(move || {
         use std::io::Write;
         let mut terminal = &*controller;
@@ -195,6 +225,7 @@ fn write_terminal(controller: Arc<File>, queue: mpsc::Receiver<Vec<u8>>) {
             if terminal.write_all(&chunk).is_err() {
                 return;
             }
+            credits.consumed(chunk.len());
         }
         let _ = terminal.write_all(&[EOF_CHARACTER]);
     });

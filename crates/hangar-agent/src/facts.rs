@@ -22,6 +22,7 @@ pub fn gather() -> GuestFacts {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         addresses: addresses(),
         boot_time_unix_ms: now_ms.saturating_sub(uptime_ms),
+        vsock_token: None,
     }
 }
 

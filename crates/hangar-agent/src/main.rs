@@ -91,6 +91,14 @@ fn main() {
         console::spawn_shell(reaper.clone());
     }
     if options.vsock {
+        match vsock_token() {
+            Ok(token) => {
+                let _ = session::VSOCK_TOKEN.set(token);
+            }
+            Err(err) => log(&format!(
+                "vsock: no token ({err}); vsock sessions are refused"
+            )),
+        }
         // Without vsock the serial ports still serve; the log says why.
         if let Err(err) = vsock::spawn_listener(AGENT_VSOCK_PORT, reaper.clone(), is_init) {
             log(&format!("vsock: {err}"));
@@ -108,6 +116,14 @@ fn main() {
         sys::power_off();
     }
     std::process::exit(1);
+}
+
+/// 128 random bits as hex: what a vsock session must present.
+fn vsock_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What the agent serves.

@@ -22,6 +22,15 @@ pub struct Sender {
 
 impl Sender {
     pub fn send_frame(&self, frame: &Frame) {
+        // Replies may echo host input (a path, a program name); one too big
+        // for a frame is dropped with a log line, never a panic in PID 1.
+        if frame.payload.len() > hangar_proto::MAX_PAYLOAD as usize {
+            crate::log(&format!(
+                "dropped a {}-byte reply: over the frame limit",
+                frame.payload.len()
+            ));
+            return;
+        }
         let bytes = frame.encode();
         let mut port = self
             .port
@@ -44,7 +53,7 @@ impl Sender {
 #[derive(Debug)]
 pub struct Running {
     pub pid: Option<u32>,
-    pub stdin: Option<mpsc::SyncSender<Vec<u8>>>,
+    pub stdin: Option<mpsc::Sender<Vec<u8>>>,
     /// The terminal's controller side, for resizes (`exec -t`).
     pub tty: Option<Arc<File>>,
 }
@@ -52,9 +61,9 @@ pub struct Running {
 /// How long to sleep while no host is connected.
 const HOST_ABSENT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Stdin chunks queued per command before the session stops reading (back
-/// pressure instead of unbounded guest memory).
-const STDIN_QUEUE: usize = 64;
+/// The token vsock sessions must present (set once at boot when the agent
+/// listens on vsock; serial sessions hand it to the host in their hello).
+pub static VSOCK_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The session's running commands by exec id.
 pub type Table = Arc<Mutex<BTreeMap<u32, Running>>>;
@@ -87,30 +96,44 @@ pub fn serve_channel(
         port: Arc::new(Mutex::new(output)),
     };
     let table: Table = Arc::default();
+    // A serial port is private to the VM's owner on the host; a vsock
+    // connection proves itself with the token first.
+    let private = on_end == OnEnd::WaitForHost;
+    let mut authenticated = private;
     // Announce readiness; if no host is connected yet this is dropped and the
     // host's own hello gets the answer.
-    send_hello(&sender, None);
+    if private {
+        send_hello(&sender, None, true);
+    }
     let mut reader = FrameReader::new(input);
     loop {
         let frame = match reader.read_frame() {
             Ok(frame) => frame,
-            // No host (it disconnected, maybe mid-frame): forget the partial
-            // frame and wait for the next one.
-            Err(FrameError::Closed) if on_end == OnEnd::WaitForHost => {
+            Err(FrameError::Closed) => {
+                // The host is gone: its commands' stdin ends with it.
+                close_all_stdin(&table);
+                if on_end == OnEnd::Finish {
+                    return Ok(());
+                }
+                // Maybe mid-frame: forget the partial frame and wait for
+                // the next host.
                 reader.reset();
                 std::thread::sleep(HOST_ABSENT_POLL);
                 continue;
             }
-            Err(FrameError::Io(err))
-                if err.kind() == io::ErrorKind::UnexpectedEof && on_end == OnEnd::WaitForHost =>
-            {
+            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                close_all_stdin(&table);
+                if on_end == OnEnd::Finish {
+                    return Ok(());
+                }
                 reader.reset();
                 std::thread::sleep(HOST_ABSENT_POLL);
                 continue;
             }
-            Err(FrameError::Closed) => return Ok(()),
-            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(FrameError::Io(err)) => return Err(err),
+            Err(FrameError::Io(err)) => {
+                close_all_stdin(&table);
+                return Err(err);
+            }
             Err(err) => {
                 sender.send_message(&GuestMessage::Error {
                     message: err.to_string(),
@@ -118,12 +141,36 @@ pub fn serve_channel(
                 continue;
             }
         };
+        if !authenticated {
+            match HostMessage::from_frame(&frame) {
+                Ok(HostMessage::Hello {
+                    token: Some(token),
+                    version,
+                    nonce,
+                }) if VSOCK_TOKEN.get().is_some_and(|expected| *expected == token) => {
+                    authenticated = true;
+                    let hello = HostMessage::Hello {
+                        version,
+                        nonce,
+                        token: None,
+                    };
+                    handle(hello, &sender, &reaper, &table, is_init, private);
+                    continue;
+                }
+                _ => {
+                    sender.send_message(&GuestMessage::Error {
+                        message: "this channel needs the VM's token in the first hello".into(),
+                    });
+                    return Ok(());
+                }
+            }
+        }
         if frame.kind == FrameKind::Stdin {
             feed_stdin(&table, frame.stream, frame.payload);
             continue;
         }
         match HostMessage::from_frame(&frame) {
-            Ok(message) => handle(message, &sender, &reaper, &table, is_init),
+            Ok(message) => handle(message, &sender, &reaper, &table, is_init, private),
             Err(err) => sender.send_message(&GuestMessage::Error {
                 message: err.to_string(),
             }),
@@ -131,10 +178,17 @@ pub fn serve_channel(
     }
 }
 
-fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table, is_init: bool) {
+fn handle(
+    message: HostMessage,
+    sender: &Sender,
+    reaper: &Reaper,
+    table: &Table,
+    is_init: bool,
+    private: bool,
+) {
     match message {
-        HostMessage::Hello { version, nonce } if version == PROTOCOL_VERSION => {
-            send_hello(sender, Some(nonce));
+        HostMessage::Hello { version, nonce, .. } if version == PROTOCOL_VERSION => {
+            send_hello(sender, Some(nonce), private);
         }
         HostMessage::Hello { version, .. } => {
             sender.send_message(&GuestMessage::VersionMismatch {
@@ -144,7 +198,9 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table,
         }
         HostMessage::Exec { id, request } => {
             let (feed, queue) = if request.stdin {
-                let (tx, rx) = mpsc::sync_channel(STDIN_QUEUE);
+                // Unbounded: the host keeps at most STDIN_WINDOW bytes in
+                // flight (credits), and the session must never block here.
+                let (tx, rx) = mpsc::channel();
                 (Some(tx), Some(rx))
             } else {
                 (None, None)
@@ -192,7 +248,7 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table,
             }
         }
         HostMessage::CopyIn { id, path } => {
-            let (feed, queue) = mpsc::sync_channel(STDIN_QUEUE);
+            let (feed, queue) = mpsc::channel();
             lock(table).insert(
                 id,
                 Running {
@@ -204,17 +260,22 @@ fn handle(message: HostMessage, sender: &Sender, reaper: &Reaper, table: &Table,
             crate::copy::copy_in(id, path, queue, sender.clone(), Arc::clone(table));
         }
         HostMessage::CopyOut { id, path } => crate::copy::copy_out(id, path, sender.clone()),
-        HostMessage::Shutdown { reboot } => shutdown(reboot, is_init),
+        HostMessage::Shutdown { reboot } => shutdown(reboot, is_init, reaper),
     }
 }
 
 fn feed_stdin(table: &Table, id: u32, data: Vec<u8>) {
-    let feed = lock(table).get(&id).and_then(|r| r.stdin.clone());
-    if let Some(feed) = feed {
-        // Blocks while the queue is full (the table lock is not held). The
-        // writer may have stopped (the command closed its stdin); the data
-        // then has nowhere to go, like a closed pipe.
+    if let Some(feed) = lock(table).get(&id).and_then(|r| r.stdin.as_ref()) {
+        // Never blocks. The writer may have stopped (the command closed its
+        // stdin); the data then has nowhere to go, like a closed pipe.
         let _ = feed.send(data);
+    }
+}
+
+/// Closes every command's stdin (its host went away).
+fn close_all_stdin(table: &Table) {
+    for running in lock(table).values_mut() {
+        running.stdin = None;
     }
 }
 
@@ -222,15 +283,20 @@ pub fn lock(table: &Table) -> std::sync::MutexGuard<'_, BTreeMap<u32, Running>> 
     table.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
-fn send_hello(sender: &Sender, nonce: Option<u64>) {
+/// The hello; `private` channels also carry the vsock token.
+fn send_hello(sender: &Sender, nonce: Option<u64>, private: bool) {
+    let mut facts = crate::facts::gather();
+    if private {
+        facts.vsock_token = VSOCK_TOKEN.get().cloned();
+    }
     sender.send_message(&GuestMessage::Hello {
         version: PROTOCOL_VERSION,
         nonce,
-        facts: crate::facts::gather(),
+        facts,
     });
 }
 
-fn shutdown(reboot: bool, is_init: bool) {
+fn shutdown(reboot: bool, is_init: bool, reaper: &Reaper) {
     crate::log(if reboot { "rebooting" } else { "powering off" });
     if is_init {
         if reboot {
@@ -238,9 +304,16 @@ fn shutdown(reboot: bool, is_init: bool) {
         }
         crate::sys::power_off();
     }
-    // As a service, leave the shutdown to the guest's init system.
+    // As a service, leave the shutdown to the guest's init system. Spawned
+    // like every child: under the reaper's lock, its exit from the reaper.
     let program = if reboot { "reboot" } else { "poweroff" };
-    if let Err(err) = std::process::Command::new(program).status() {
-        crate::log(&format!("{program}: {err}"));
+    let mut guard = reaper.lock();
+    match std::process::Command::new(program).spawn() {
+        Ok(child) => {
+            let exited = Reaper::register(&mut guard, child.id());
+            drop(guard);
+            let _ = exited.recv_timeout(std::time::Duration::from_secs(30));
+        }
+        Err(err) => crate::log(&format!("{program}: {err}")),
     }
 }

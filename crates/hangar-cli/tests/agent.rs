@@ -510,6 +510,7 @@ fn the_agent_runs_as_a_service_too() {
             None => {}
         }
     };
+    drop(stream);
     assert_eq!(
         (out, err, status),
         (

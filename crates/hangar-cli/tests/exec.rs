@@ -194,3 +194,84 @@ fn a_stalled_reader_does_not_stall_other_execs() {
     let _ = stalled.kill();
     let _ = stalled.wait();
 }
+
+/// Stdin the command never reads cannot wedge the session: `--timeout`
+/// still kills it (flow control keeps the agent reading its channel).
+#[test]
+fn unread_stdin_does_not_block_timeout_or_signals() {
+    let state = shared_state();
+    let (vm, _guard) = running_vm("unread");
+    let mut child = Command::new(hangar_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args(["exec", "-i", "--timeout", "3", &vm, "--", "sleep", "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let block = vec![b'x'; 1 << 20];
+        for _ in 0..32 {
+            if stdin.write_all(&block).is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = wait_all(vec![child], Duration::from_secs(60)).remove(0);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    let _ = feeder.join();
+}
+
+/// A host that dies mid-exec closes its command's stdin, as a closed SSH
+/// session would: `cat` ends instead of waiting forever.
+#[test]
+fn a_dead_host_closes_its_commands_stdin() {
+    let state = shared_state();
+    let (vm, _guard) = running_vm("hostgone");
+    let mut child = Command::new(hangar_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "exec",
+            "-i",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "cat > /tmp/got; echo closed > /tmp/ended",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"partial\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ended = hangar(state, &["exec", &vm, "--", "cat", "/tmp/ended"]);
+        if ended.status.success() {
+            assert_eq!(text(&ended.stdout), "closed\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command's stdin stayed open after its host died"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let got = ok(&hangar(state, &["exec", &vm, "--", "cat", "/tmp/got"]));
+    assert_eq!(got, "partial\n");
+    drop(stdin);
+}

@@ -31,7 +31,12 @@ pub use message::{
 /// 2: stdin frames, `CloseStdin`, `Signal`, `ExecRequest::stdin`.
 /// 3: `user` and `tty` in `ExecRequest`, `Resize`, `CopyIn`/`CopyOut`/
 ///    `CopyDone` (file copy as a tar stream), boot time in the facts.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `StdinCredit` flow control; `token` in the host hello (vsock).
+pub const PROTOCOL_VERSION: u32 = 4;
+
+/// Stdin bytes a host may send for one exec or copy before the guest
+/// acknowledges them (`GuestMessage::StdinCredit`).
+pub const STDIN_WINDOW: u64 = 1 << 20;
 
 /// How many virtio-serial ports the agent serves. A QEMU socket chardev
 /// takes one host connection at a time, so each port is one concurrent host

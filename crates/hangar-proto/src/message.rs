@@ -92,6 +92,10 @@ pub struct GuestFacts {
     /// since the Unix epoch).
     #[serde(default)]
     pub boot_time_unix_ms: u64,
+    /// The token vsock sessions must present; sent only over
+    /// virtio-serial, and never kept in the VM record's facts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_token: Option<String>,
 }
 
 /// Host to guest.
@@ -100,7 +104,16 @@ pub struct GuestFacts {
 pub enum HostMessage {
     /// Opens a session. `nonce` is echoed back so the host can tell its own
     /// hello answer from a stale one sent to an earlier connection.
-    Hello { version: u32, nonce: u64 },
+    ///
+    /// On vsock (reachable by any host process that knows the CID) the
+    /// hello must carry `token`, which the agent gives only over its
+    /// virtio-serial ports (private to the VM's owner on the host).
+    Hello {
+        version: u32,
+        nonce: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
     /// Starts a command; its output and exit come back on `stream` = `id`.
     Exec { id: u32, request: ExecRequest },
     /// No more stdin for the command `id`: its stdin pipe closes.
@@ -137,6 +150,11 @@ pub enum GuestMessage {
     ExecFailed { id: u32, message: String },
     /// The command `id` ended; all its output frames precede this message.
     ExecExited { id: u32, status: ExitStatus },
+    /// The guest consumed `bytes` of stdin of the exec or copy `id`: the
+    /// host may send that much more. The host keeps at most
+    /// [`crate::STDIN_WINDOW`] bytes unacknowledged, so the agent never
+    /// blocks reading its channel on one command's unread input.
+    StdinCredit { id: u32, bytes: u32 },
     /// The copy `id` ended: `error` is None when every entry was written
     /// (`CopyIn`) or sent (`CopyOut`).
     CopyDone {
@@ -229,6 +247,7 @@ mod tests {
         let hello = HostMessage::Hello {
             version: 1,
             nonce: 5,
+            token: None,
         };
         assert!(matches!(
             GuestMessage::from_frame(&hello.to_frame()),

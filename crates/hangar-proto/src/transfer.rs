@@ -55,11 +55,25 @@ pub enum TransferError {
 }
 
 /// How [`unpack`] treats what it writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnpackOptions {
     /// Keep setuid/setgid bits. Off when the stream comes from a guest:
     /// a guest must not plant a setuid program on the host.
     pub keep_setid_bits: bool,
+    /// The name the copy gets inside an existing destination directory,
+    /// whatever the stream's root is called. Set it when the stream comes
+    /// from a guest: the host decides what lands in its directory (the
+    /// last component of the path it asked for), not the guest.
+    pub root_name: Option<PathBuf>,
+}
+
+/// The name [`unpack`] should give a copy of `source` (its last plain
+/// component), for [`UnpackOptions::root_name`].
+pub fn expected_root_name(source: &str) -> PathBuf {
+    match Path::new(source).components().next_back() {
+        Some(Component::Normal(name)) => PathBuf::from(name),
+        _ => PathBuf::from("root"),
+    }
 }
 
 /// Writes `source` (a file, directory or symlink, not followed) to `out` as
@@ -229,6 +243,8 @@ struct Plan {
     base: PathBuf,
     name: PathBuf,
     root: PathBuf,
+    /// The destination was an existing directory (the copy goes inside).
+    into_dir: bool,
 }
 
 /// Writes a stream made by [`pack`] (or any tar stream following its
@@ -262,7 +278,13 @@ pub fn unpack(
         let mtime = header.mtime().unwrap_or(0);
         let plan = match &plan {
             Some(plan) => plan,
-            None => plan.insert(resolve(dest, kind.is_dir(), &parts[0])?),
+            None => {
+                let mut resolved = resolve(dest, kind.is_dir(), &parts[0])?;
+                if let (true, Some(name)) = (resolved.into_dir, &options.root_name) {
+                    resolved.name.clone_from(name);
+                }
+                plan.insert(resolved)
+            }
         };
         if parts[0] != plan.root {
             return Err(TransferError::UnsafePath { entry: shown });
@@ -270,8 +292,11 @@ pub fn unpack(
         let target = enter(plan, &parts, &shown)?;
         match kind {
             EntryType::Directory => {
-                make_directory(&target, &shown)?;
-                directories.push((target, mode, mtime));
+                // A directory that was already there keeps its mode and
+                // times: the copy adds to it, it does not take it over.
+                if make_directory(&target, &shown)? {
+                    directories.push((target, mode, mtime));
+                }
                 summary.dirs += 1;
             }
             EntryType::Regular | EntryType::Continuous => {
@@ -309,7 +334,10 @@ pub fn unpack(
     for (dir, mode, mtime) in directories.into_iter().rev() {
         let apply = || -> io::Result<()> {
             fs::set_permissions(&dir, fs::Permissions::from_mode(mode))?;
-            File::open(&dir)?.set_times(FileTimes::new().set_modified(unix_time(mtime)))
+            match unix_time(mtime) {
+                Some(time) => File::open(&dir)?.set_times(FileTimes::new().set_modified(time)),
+                None => Ok(()),
+            }
         };
         apply().map_err(|source| TransferError::Io { path: dir, source })?;
     }
@@ -353,6 +381,7 @@ fn resolve(dest: &Path, root_is_dir: bool, root: &Path) -> Result<Plan, Transfer
             base,
             name,
             root: root.to_path_buf(),
+            into_dir: false,
         })
     };
     match fs::metadata(dest) {
@@ -360,6 +389,7 @@ fn resolve(dest: &Path, root_is_dir: bool, root: &Path) -> Result<Plan, Transfer
             base: dest.to_path_buf(),
             name: root.to_path_buf(),
             root: root.to_path_buf(),
+            into_dir: true,
         }),
         Ok(_) if root_is_dir => Err(TransferError::DirectoryOntoFile {
             path: dest.to_path_buf(),
@@ -399,7 +429,9 @@ fn enter(plan: &Plan, parts: &[PathBuf], shown: &str) -> Result<PathBuf, Transfe
                     entry: shown.to_owned(),
                 })
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => make_directory(&path, shown)?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                make_directory(&path, shown)?;
+            }
             Err(source) => return Err(TransferError::Io { path, source }),
         }
         path.push(part);
@@ -407,9 +439,10 @@ fn enter(plan: &Plan, parts: &[PathBuf], shown: &str) -> Result<PathBuf, Transfe
     Ok(path)
 }
 
-fn make_directory(path: &Path, shown: &str) -> Result<(), TransferError> {
+/// Creates a directory; true if it is new, false if one was there.
+fn make_directory(path: &Path, shown: &str) -> Result<bool, TransferError> {
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => Ok(false),
         Ok(meta) if meta.file_type().is_symlink() => Err(TransferError::ThroughSymlink {
             entry: shown.to_owned(),
             link: path.to_path_buf(),
@@ -422,6 +455,7 @@ fn make_directory(path: &Path, shown: &str) -> Result<(), TransferError> {
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(path)
+                .map(|()| true)
                 .map_err(|source| TransferError::Io {
                     path: path.to_path_buf(),
                     source,
@@ -467,13 +501,17 @@ fn write_file(
     let written = io::copy(content, &mut file).map_err(TransferError::Stream)?;
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err)?;
-    file.set_times(FileTimes::new().set_modified(unix_time(mtime)))
-        .map_err(io_err)?;
+    if let Some(time) = unix_time(mtime) {
+        file.set_times(FileTimes::new().set_modified(time))
+            .map_err(io_err)?;
+    }
     Ok(written)
 }
 
-fn unix_time(secs: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+/// A header's mtime as a time, or None if it does not fit (a hostile
+/// stream may send any 64-bit value; adding it must not panic).
+fn unix_time(secs: u64) -> Option<SystemTime> {
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 #[cfg(test)]

@@ -146,6 +146,10 @@ pub struct Sockets {
     /// any number at once; readiness still comes over virtio-serial).
     #[serde(default)]
     pub agent_vsock: Option<crate::guest::AgentEndpoint>,
+    /// The file (0600, in the work dir) holding the token vsock sessions
+    /// present; written at each boot from the agent's serial hello.
+    #[serde(default)]
+    pub vsock_token: Option<PathBuf>,
 }
 
 /// A host process, named so that a reused pid is never mistaken for it.

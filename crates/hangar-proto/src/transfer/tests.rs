@@ -295,6 +295,7 @@ fn setid_bits_are_dropped_unless_asked_for() {
     fs::create_dir(&kept).unwrap();
     let options = UnpackOptions {
         keep_setid_bits: true,
+        ..Default::default()
     };
     unpack(bytes.as_slice(), &kept, options).unwrap();
     assert_eq!(mode_of(&kept.join("tool")), 0o4755);
@@ -335,4 +336,74 @@ fn long_names_survive() {
         fs::read_link(copied.join("l")).unwrap(),
         PathBuf::from("t".repeat(150))
     );
+}
+
+#[test]
+fn the_host_names_what_a_guest_stream_creates_in_an_existing_directory() {
+    // A guest asked for `/var/log/app.log` answers with `.ssh/` instead,
+    // hoping to replace the user's keys and loosen the directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir_all(home.join(".ssh")).unwrap();
+    fs::set_permissions(home.join(".ssh"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(home.join(".ssh/authorized_keys"), "mine").unwrap();
+    let mut dir_header = Header::new_gnu();
+    dir_header.set_entry_type(EntryType::Directory);
+    dir_header.set_mode(0o777);
+    dir_header.set_size(0);
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_data(&mut dir_header, ".ssh", std::io::empty())
+        .unwrap();
+    let mut file_header = Header::new_gnu();
+    file_header.set_entry_type(EntryType::Regular);
+    file_header.set_mode(0o644);
+    file_header.set_size(8);
+    builder
+        .append_data(&mut file_header, ".ssh/authorized_keys", &b"attacker"[..])
+        .unwrap();
+    let bytes = builder.into_inner().unwrap();
+    let options = UnpackOptions {
+        root_name: Some(expected_root_name("/var/log/app.log")),
+        ..Default::default()
+    };
+    unpack(bytes.as_slice(), &home, options).unwrap();
+    assert_eq!(
+        fs::read(home.join(".ssh/authorized_keys")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(mode_of(&home.join(".ssh")), 0o700);
+    assert_eq!(
+        fs::read(home.join("app.log/authorized_keys")).unwrap(),
+        b"attacker"
+    );
+}
+
+#[test]
+fn an_existing_directory_keeps_its_mode_and_huge_mtimes_do_not_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    fs::create_dir_all(dest.join("tree")).unwrap();
+    fs::set_permissions(dest.join("tree"), fs::Permissions::from_mode(0o750)).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut dir_header = Header::new_gnu();
+    dir_header.set_entry_type(EntryType::Directory);
+    dir_header.set_mode(0o777);
+    dir_header.set_size(0);
+    dir_header.set_mtime(u64::MAX);
+    builder
+        .append_data(&mut dir_header, "tree", std::io::empty())
+        .unwrap();
+    let mut file_header = Header::new_gnu();
+    file_header.set_entry_type(EntryType::Regular);
+    file_header.set_mode(0o644);
+    file_header.set_size(1);
+    file_header.set_mtime(u64::MAX);
+    builder
+        .append_data(&mut file_header, "tree/f", &b"x"[..])
+        .unwrap();
+    let bytes = builder.into_inner().unwrap();
+    unpack(bytes.as_slice(), &dest, UnpackOptions::default()).unwrap();
+    assert_eq!(mode_of(&dest.join("tree")), 0o750);
+    assert_eq!(fs::read(dest.join("tree/f")).unwrap(), b"x");
 }

@@ -11,6 +11,7 @@ use socket2::Socket;
 use hangar_proto::transfer::{self, TransferError, UnpackOptions};
 use hangar_proto::{CopySummary, Frame, FrameKind, GuestMessage, HostMessage};
 
+use super::credit::CreditGate;
 use super::{write_locked, AgentClient, Check, GuestError};
 
 /// Tar data goes out in frames of at most this size.
@@ -37,9 +38,11 @@ impl AgentClient {
             path: dest.to_owned(),
         })?;
         let cancel = Arc::new(AtomicBool::new(false));
+        let credits = CreditGate::new();
         let packer = {
             let writer = self.writer();
             let cancel = Arc::clone(&cancel);
+            let credits = Arc::clone(&credits);
             let source = source.to_path_buf();
             std::thread::spawn(move || {
                 let out = BufWriter::with_capacity(
@@ -48,6 +51,7 @@ impl AgentClient {
                         writer: Arc::clone(&writer),
                         id,
                         cancel,
+                        credits,
                     },
                 );
                 let packed = transfer::pack(&source, out);
@@ -57,8 +61,9 @@ impl AgentClient {
                 packed
             })
         };
-        let done = self.wait_copy_done(id, check);
+        let done = self.wait_copy_done(id, &credits, check);
         cancel.store(true, Ordering::SeqCst);
+        credits.close();
         // On error the packer is not joined: it stops at its next write.
         let (error, _) = done?;
         let packed = packer.join().unwrap_or(Err(TransferError::Empty));
@@ -96,8 +101,14 @@ impl AgentClient {
             at: 0,
             done: None,
             failure: None,
+            last_check: std::time::Instant::now(),
         };
-        let unpacked = transfer::unpack(&mut stream, dest, UnpackOptions::default());
+        // The host names what lands in its directory, not the guest.
+        let options = UnpackOptions {
+            root_name: Some(transfer::expected_root_name(source)),
+            ..Default::default()
+        };
+        let unpacked = transfer::unpack(&mut stream, dest, options);
         // Read to the end (the tail of the stream, or all of it after a
         // local error) so the session stays in step.
         let mut sink = [0u8; CHUNK];
@@ -120,20 +131,22 @@ impl AgentClient {
     fn wait_copy_done(
         &mut self,
         id: u32,
+        credits: &CreditGate,
         check: Check<'_>,
     ) -> Result<(Option<String>, CopySummary), GuestError> {
         loop {
             match self.next_frame()? {
                 Some(frame) if frame.kind == FrameKind::Guest => {
-                    if let Ok(GuestMessage::CopyDone {
-                        id: done,
-                        error,
-                        summary,
-                    }) = GuestMessage::from_frame(&frame)
-                    {
-                        if done == id {
-                            return Ok((error, summary));
+                    match GuestMessage::from_frame(&frame) {
+                        Ok(GuestMessage::CopyDone {
+                            id: done,
+                            error,
+                            summary,
+                        }) if done == id => return Ok((error, summary)),
+                        Ok(GuestMessage::StdinCredit { id: done, bytes }) if done == id => {
+                            credits.give(u64::from(bytes));
                         }
+                        _ => {}
                     }
                 }
                 Some(_) => {}
@@ -148,6 +161,7 @@ struct StdinFrames {
     writer: Arc<Mutex<Socket>>,
     id: u32,
     cancel: Arc<AtomicBool>,
+    credits: Arc<CreditGate>,
 }
 
 impl Write for StdinFrames {
@@ -156,6 +170,9 @@ impl Write for StdinFrames {
             return Err(io::Error::other("the copy ended in the guest"));
         }
         for piece in buf.chunks(CHUNK) {
+            if !self.credits.acquire(piece.len() as u64) {
+                return Err(io::Error::other("the copy ended in the guest"));
+            }
             let frame = Frame {
                 kind: FrameKind::Stdin,
                 stream: self.id,
@@ -183,6 +200,8 @@ struct CopyStream<'a, 'c> {
     done: Option<Option<String>>,
     /// The channel broke or the caller's check stopped the copy.
     failure: Option<GuestError>,
+    /// The check runs at least this often, also while data floods in.
+    last_check: std::time::Instant,
 }
 
 impl Read for CopyStream<'_, '_> {
@@ -194,7 +213,15 @@ impl Read for CopyStream<'_, '_> {
             if self.failure.is_some() {
                 return Err(io::Error::other("the copy was stopped"));
             }
-            match self.client.next_frame() {
+            let frame = self.client.next_frame();
+            if matches!(frame, Ok(None)) || self.last_check.elapsed() >= super::POLL_INTERVAL {
+                self.last_check = std::time::Instant::now();
+                if let Err(reason) = (self.check)() {
+                    self.failure = Some(GuestError::Aborted { reason });
+                    continue;
+                }
+            }
+            match frame {
                 Ok(Some(frame)) if frame.stream == self.id && frame.kind == FrameKind::Stdout => {
                     self.chunk = frame.payload;
                     self.at = 0;
@@ -208,12 +235,7 @@ impl Read for CopyStream<'_, '_> {
                         }
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    if let Err(reason) = (self.check)() {
-                        self.failure = Some(GuestError::Aborted { reason });
-                    }
-                }
+                Ok(Some(_)) | Ok(None) => {}
                 Err(err) => self.failure = Some(err),
             }
         }

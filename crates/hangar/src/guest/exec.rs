@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use hangar_proto::{ExecRequest, ExitStatus, Frame, FrameKind, GuestMessage, HostMessage, TtySize};
 
+use super::credit::CreditGate;
 use super::{write_locked, AgentClient, Check, GuestError, OutputSink, POLL_INTERVAL};
 
 /// Reports the terminal size the guest command should have; polled while
@@ -64,6 +65,17 @@ pub struct ExecStream<'c> {
     killed_at: Option<Instant>,
     last_check: Instant,
     finished: bool,
+    /// Stdin flow control, when stdin is piped.
+    credits: Option<Arc<CreditGate>>,
+}
+
+impl Drop for ExecStream<'_> {
+    fn drop(&mut self) {
+        // The stdin pump stops waiting for credit that will never come.
+        if let Some(credits) = &self.credits {
+            credits.close();
+        }
+    }
 }
 
 impl std::fmt::Debug for ExecStream<'_> {
@@ -86,9 +98,11 @@ impl AgentClient {
         request.stdin = io.stdin.is_some();
         let last_size = request.tty;
         self.send(&HostMessage::Exec { id, request })?;
-        if let Some(input) = io.stdin {
-            pump_stdin(id, input, self.writer());
-        }
+        let credits = io.stdin.map(|input| {
+            let credits = CreditGate::new();
+            pump_stdin(id, input, self.writer(), Arc::clone(&credits));
+            credits
+        });
         Ok(ExecStream {
             client: self,
             id,
@@ -99,6 +113,7 @@ impl AgentClient {
             killed_at: None,
             last_check: Instant::now(),
             finished: false,
+            credits,
         })
     }
 
@@ -204,6 +219,12 @@ impl ExecStream<'_> {
             Ok(GuestMessage::ExecFailed { id, message }) if id == self.id => {
                 Some(Err(GuestError::ExecFailed { message }))
             }
+            Ok(GuestMessage::StdinCredit { id, bytes }) if id == self.id => {
+                if let Some(credits) = &self.credits {
+                    credits.give(u64::from(bytes));
+                }
+                None
+            }
             _ => None,
         }
     }
@@ -236,7 +257,12 @@ impl ExecStream<'_> {
 /// Sends `input` to the command `id` as stdin frames, then closes its
 /// stdin. Runs on its own thread so a slow reader never stalls output; it
 /// ends with its input or when the channel breaks.
-fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mutex<Socket>>) {
+fn pump_stdin(
+    id: u32,
+    mut input: Box<dyn std::io::Read + Send>,
+    writer: Arc<Mutex<Socket>>,
+    credits: Arc<CreditGate>,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; STDIN_CHUNK];
         loop {
@@ -244,6 +270,9 @@ fn pump_stdin(id: u32, mut input: Box<dyn std::io::Read + Send>, writer: Arc<Mut
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if !credits.acquire(n as u64) {
+                        return;
+                    }
                     let frame = Frame {
                         kind: FrameKind::Stdin,
                         stream: id,

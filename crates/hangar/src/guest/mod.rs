@@ -17,6 +17,7 @@ use nix::fcntl::Flock;
 use socket2::Socket;
 
 mod copy;
+mod credit;
 mod exec;
 pub mod transport;
 
@@ -157,8 +158,13 @@ impl AgentClient {
         check: Check<'_>,
     ) -> Result<Self, GuestError> {
         let started = Instant::now();
-        if let Some(endpoint) = &sockets.agent_vsock {
-            match Self::connect_endpoint(endpoint, per_port.min(timeout), check) {
+        let token = sockets
+            .vsock_token
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok());
+        if let (Some(endpoint), Some(token)) = (&sockets.agent_vsock, token) {
+            let token = Some(token.trim().to_owned());
+            match Self::connect_endpoint(endpoint, token, per_port.min(timeout), check) {
                 Ok(client) => return Ok(client),
                 Err(GuestError::Aborted { reason }) => return Err(GuestError::Aborted { reason }),
                 // Fall back to the serial ports, which every QEMU VM has.
@@ -175,13 +181,15 @@ impl AgentClient {
         let endpoint = AgentEndpoint::Serial {
             socket: path.to_path_buf(),
         };
-        Self::connect_endpoint(&endpoint, timeout, check)
+        Self::connect_endpoint(&endpoint, None, timeout, check)
     }
 
     /// Connects over any transport and waits for the agent's hello, at
-    /// most `timeout`.
+    /// most `timeout`. vsock endpoints need the VM's `token` (what the
+    /// agent reported over virtio-serial at boot).
     pub fn connect_endpoint(
         endpoint: &AgentEndpoint,
+        token: Option<String>,
         timeout: Duration,
         check: Check<'_>,
     ) -> Result<Self, GuestError> {
@@ -224,6 +232,7 @@ impl AgentClient {
         let hello = HostMessage::Hello {
             version: PROTOCOL_VERSION,
             nonce,
+            token,
         };
         let mut last_hello = None::<Instant>;
         loop {

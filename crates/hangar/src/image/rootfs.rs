@@ -36,6 +36,8 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("building the root file system of image {image} needs root (it keeps the files' owners); run hangar as root for OCI images")]
+    NotRoot { image: String },
     #[error("mkfs.ext4 failed for image {image}: {detail}; install e2fsprogs (`apt-get install e2fsprogs`)")]
     Mkfs { image: String, detail: String },
 }
@@ -51,6 +53,13 @@ pub fn ensure_rootfs(
     let target = catalog.image_dir(&digest).join("rootfs.ext4");
     if target.is_file() {
         return Ok(target);
+    }
+    // Without root the layers' owners cannot be set, and mkfs.ext4 would
+    // make the builder own the whole guest system.
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RootfsError::NotRoot {
+            image: record.manifest_digest.clone(),
+        });
     }
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -100,8 +109,16 @@ pub fn ensure_rootfs(
     }
     let dir = catalog.image_dir(&digest);
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    std::fs::rename(&image_file, &target).map_err(io_err(&target))?;
-    Ok(target)
+    // First build wins: never replace a published file system (mkfs output
+    // differs run to run, and VM overlays are bound to the first one).
+    match std::fs::hard_link(&image_file, &target) {
+        Ok(()) => Ok(target),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(target),
+        Err(source) => Err(RootfsError::Io {
+            path: target,
+            source,
+        }),
+    }
 }
 
 /// Bytes the tree takes, counting each entry as at least one 4 KiB block.

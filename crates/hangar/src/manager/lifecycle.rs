@@ -127,7 +127,10 @@ impl Manager {
         let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, pid_start);
         match AgentClient::connect_any(&sockets, timeout, timeout, &mut check) {
-            Ok(client) => match self.mark_running(&id, Some(client.facts().clone())) {
+            Ok(client) => match self
+                .keep_vsock_token(&record, client.facts().clone())
+                .and_then(|facts| self.mark_running(&id, Some(facts)))
+            {
                 Ok(record) => Ok((record, Some(client))),
                 Err(err) => {
                     // Stopped or removed by someone else meanwhile.
@@ -152,6 +155,25 @@ impl Manager {
                 })
             }
         }
+    }
+
+    /// Takes the vsock token out of the hello's facts (they are shown by
+    /// `inspect`) and keeps it in the VM's private token file.
+    fn keep_vsock_token(
+        &self,
+        record: &VmRecord,
+        mut facts: hangar_proto::GuestFacts,
+    ) -> Result<hangar_proto::GuestFacts, ManagerError> {
+        let token = facts.vsock_token.take();
+        if let (Some(token), Some(path)) = (token, &record.sockets.vsock_token) {
+            crate::fsutil::write_private(path, token.as_bytes()).map_err(|source| {
+                ManagerError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(facts)
     }
 
     fn mark_running(

@@ -118,6 +118,7 @@ pub fn sockets_for(work_dir: &Path) -> Sockets {
         console: Some(work_dir.join("console.sock")),
         console_log: Some(work_dir.join("console.log")),
         agent_vsock: None,
+        vsock_token: None,
     }
 }
 
@@ -204,6 +205,7 @@ impl Backend for QemuBackend {
             cid,
             port: hangar_proto::AGENT_VSOCK_PORT,
         });
+        sockets.vsock_token = vsock_cid.map(|_| vm.work_dir.join("vsock.token"));
         let forwards = match &vm.spec.network {
             NetworkSpec::User { forwards } => Some(forwards.as_slice()),
             _ => None,
