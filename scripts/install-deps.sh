@@ -20,11 +20,15 @@ esac
 # OCI images: qemu-img makes per-VM overlays, mkfs.ext4 builds root file systems.
 command -v qemu-img >/dev/null 2>&1 || need_apt=1
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt=1
+# The registry tests: a real registry and a tool to push into it.
+command -v docker-registry >/dev/null 2>&1 || need_apt=1
+command -v skopeo >/dev/null 2>&1 || need_apt=1
 
 if [ "$need_apt" -eq 1 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    qemu-system-x86 qemu-system-data qemu-utils e2fsprogs busybox-static ca-certificates >/dev/null
+    qemu-system-x86 qemu-system-data qemu-utils e2fsprogs busybox-static ca-certificates \
+    docker-registry skopeo >/dev/null
 fi
 
 # The kernel package goes to Hangar's package cache, not apt's: Debian

@@ -82,6 +82,8 @@ pub enum Command {
     Down(UpArgs),
     /// Show what this host offers: accelerator, default image, state dir.
     Info,
+    /// Pull an image from a registry (127.0.0.1/localhost over HTTP).
+    Pull(PullArgs),
     /// OCI images: import, ls, inspect, rm.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -274,6 +276,22 @@ pub struct ExecArgs {
     pub command: CommandArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image, e.g. registry.example.com/team/app:1 or alpine:3.20.
+    pub reference: String,
+    /// A registry (HOST:PORT) to speak plain HTTP to (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// User name for the registry; the password is read from stdin
+    /// (--password-stdin), never from the command line.
+    #[arg(long, short = 'u', requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the password from stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Import an OCI layout (directory or tar) or a `docker save` archive.
@@ -325,6 +343,13 @@ pub enum BenchWhat {
         /// Boots per variant.
         #[arg(long, default_value_t = 10)]
         runs: usize,
+    },
+    /// Pull + unpack + ext4 of an image through Hangar against skopeo copy
+    /// + tar -x + mkfs.ext4 -d, and the image work of a second run.
+    Image {
+        /// Size of the image's one layer.
+        #[arg(long, default_value_t = 100)]
+        megabytes: u64,
     },
     /// Exec round trip, stdout throughput and concurrent execs on one VM.
     Exec {

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bench_image;
 pub mod console;
 pub mod fsutil;
 pub mod guest;

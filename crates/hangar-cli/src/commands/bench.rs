@@ -19,6 +19,7 @@ pub fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<u8> {
         BenchWhat::Boot { runs } => boot(global, runs),
         BenchWhat::Store { records, storm } => store(global, records, storm),
         BenchWhat::Exec { runs, megabytes } => super::bench_exec::exec(global, runs, megabytes),
+        BenchWhat::Image { megabytes } => image(global, megabytes.max(1)),
     }
 }
 
@@ -175,4 +176,57 @@ pub fn median(samples: &[Duration]) -> Duration {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+/// `bench image`: a cold `hangar pull` (download, verify, unpack, ext4)
+/// against doing the same by hand with skopeo, tar and mkfs.ext4, from one
+/// local registry in the same run; then the image work of a later run.
+fn image(global: &Global, megabytes: u64) -> anyhow::Result<u8> {
+    use hangar::bench_image::{by_hand, write_layout, LocalRegistry};
+    let work = tempfile::tempdir()?;
+    let layout = work.path().join("layout");
+    write_layout(&layout, megabytes)?;
+    let registry = LocalRegistry::start(work.path())?;
+    let name = registry.push(&layout, "bench/image:1")?;
+    let baseline = by_hand(&name, work.path(), megabytes)?;
+    let manager = hangar::Manager::open(hangar::ManagerOptions {
+        state_dir: Some(work.path().join("state")),
+        accel: Some(hangar::Accel::Tcg),
+    })?;
+    let started = Instant::now();
+    manager.pull_image(&name, &Default::default(), &mut |_| {})?;
+    let hangar_time = started.elapsed();
+    let cached: Vec<Duration> = (0..20)
+        .map(|_| {
+            let started = Instant::now();
+            manager.image_rootfs(&name).map(|_| started.elapsed())
+        })
+        .collect::<Result<_, _>>()?;
+    let cached_ms = median(&cached).as_secs_f64() * 1000.0;
+    let mb = megabytes as f64;
+    let (base_rate, hangar_rate) = (mb / baseline.as_secs_f64(), mb / hangar_time.as_secs_f64());
+    if global.json {
+        print_json(&serde_json::json!({
+            "megabytes": megabytes,
+            "by_hand_ms": baseline.as_millis(),
+            "hangar_pull_ms": hangar_time.as_millis(),
+            "by_hand_mb_per_s": base_rate,
+            "hangar_mb_per_s": hangar_rate,
+            "ratio": hangar_rate / base_rate,
+            "second_run_image_work_median_ms": cached_ms,
+        }))?;
+    } else {
+        println!("{megabytes} MB image, pulled from a local registry");
+        println!(
+            "skopeo copy + tar -x + mkfs.ext4 -d   {:>7} ms  {base_rate:>6.1} MB/s",
+            baseline.as_millis()
+        );
+        println!(
+            "hangar pull (verify, unpack, ext4)     {:>7} ms  {hangar_rate:>6.1} MB/s  ({:.2}x)",
+            hangar_time.as_millis(),
+            hangar_rate / base_rate
+        );
+        println!("image work of a later run (median)     {cached_ms:>7.2} ms");
+    }
+    Ok(0)
 }

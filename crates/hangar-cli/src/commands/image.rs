@@ -1,7 +1,7 @@
 //! `image import|ls|inspect|rm`.
 
 use super::open;
-use crate::cli::{Global, ImageCommand};
+use crate::cli::{Global, ImageCommand, PullArgs};
 use crate::output::{print_json, Spinner};
 
 pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
@@ -83,6 +83,34 @@ fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
     Ok(())
+}
+
+pub fn pull(global: &Global, args: PullArgs) -> anyhow::Result<u8> {
+    let credentials = match args.username {
+        Some(user) => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            Some((user, password.trim_end_matches(['\n', '\r']).to_owned()))
+        }
+        None => None,
+    };
+    let options = hangar::image::pull::PullOptions {
+        insecure_registries: args.insecure_registries,
+        credentials,
+    };
+    let manager = open(global)?;
+    let spinner = Spinner::start(&format!("pulling {}", args.reference), global.json);
+    let pulled = manager.pull_image(&args.reference, &options, &mut |step| {
+        spinner.set_message(&format!("pulling {}: {step}", args.reference));
+    });
+    spinner.finish();
+    let (name, record) = pulled?;
+    if global.json {
+        print_json(&serde_json::json!({"name": name, "image": record}))?;
+    } else {
+        println!("{name} {}", record.manifest_digest);
+    }
+    Ok(0)
 }
 
 fn short_digest(digest: &str) -> String {

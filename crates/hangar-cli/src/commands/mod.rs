@@ -38,6 +38,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
         Command::Image(command) => image::image(global, command),
+        Command::Pull(args) => image::pull(global, args),
         Command::Agent(args) => show::export_agent(global, &args.output),
         Command::Gc => show::gc(global),
         Command::Up(args) => up::up(global, args),

@@ -2,6 +2,9 @@
 //! layers (gzip and plain), a config with Env/Entrypoint/Cmd/WorkingDir/
 //! User, and raw layers for hostile cases.
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

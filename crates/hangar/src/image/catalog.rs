@@ -38,7 +38,7 @@ pub enum CatalogError {
     Reference(#[from] ReferenceError),
     #[error(transparent)]
     Blob(#[from] BlobError),
-    #[error("image {reference} is not in the image store; import it with `hangar image import FILE` (pulling from registries is not supported yet)")]
+    #[error("image {reference} is not in the image store; get it with `hangar pull {reference}` or `hangar image import FILE`")]
     NotFound { reference: String },
     #[error("the image store entry {path} is damaged; remove it with `hangar image rm` and import again")]
     Damaged {

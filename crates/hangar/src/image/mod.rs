@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod layer;
 pub mod modules;
 pub mod oci;
+pub mod pull;
 pub mod rootfs;
 
 pub use default_image::{ensure_default_image, DefaultImage, DefaultImageError};

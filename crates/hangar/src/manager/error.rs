@@ -77,6 +77,8 @@ pub enum ManagerError {
     #[error(transparent)]
     Import(#[from] crate::image::import::ImportError),
     #[error(transparent)]
+    Pull(#[from] crate::image::pull::PullError),
+    #[error(transparent)]
     Rootfs(#[from] crate::image::rootfs::RootfsError),
     #[error("{0}")]
     Config(String),

@@ -9,6 +9,7 @@ use super::{Manager, ManagerError};
 use crate::image::blobs::BlobStore;
 use crate::image::catalog::{Catalog, ImageRecord};
 use crate::image::import::{import, Imported};
+use crate::image::pull::{pull, PullOptions};
 use crate::image::rootfs::ensure_rootfs;
 use crate::record::VmRecord;
 use crate::spec::ImageSource;
@@ -34,6 +35,24 @@ impl Manager {
             self.image_catalog().save(record, names)?;
         }
         Ok(imported)
+    }
+
+    /// Pulls an image from its registry, builds its root file system, and
+    /// names it. `progress` hears each step (for a spinner).
+    pub fn pull_image(
+        &self,
+        reference: &str,
+        options: &PullOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(String, ImageRecord), ManagerError> {
+        let scratch = self.layout.images_dir().join("tmp");
+        crate::layout::create_private_dir(&scratch)?;
+        let (name, record) = pull(reference, options, &self.blob_store(), &scratch, progress)?;
+        progress("building the root file system");
+        self.build_rootfs(&record)?;
+        self.image_catalog()
+            .save(&record, std::slice::from_ref(&name))?;
+        Ok((name, record))
     }
 
     pub fn images(&self) -> Result<Vec<(Vec<String>, ImageRecord)>, ManagerError> {
@@ -80,8 +99,9 @@ impl Manager {
         }
     }
 
-    /// The image's ext4 root file system, built on first use.
-    pub(super) fn image_rootfs(&self, reference: &str) -> Result<PathBuf, ManagerError> {
+    /// The image's ext4 root file system, built on first use (the image
+    /// work a `run` of a stored image does).
+    pub fn image_rootfs(&self, reference: &str) -> Result<PathBuf, ManagerError> {
         let record = self.image(reference)?;
         self.build_rootfs(&record)
     }
