@@ -310,6 +310,9 @@ pub enum ImageCommand {
     Inspect { reference: String },
     /// Remove an image name (the image goes with its last name).
     Rm { reference: String },
+    /// Remove blobs no stored image uses, and leftovers of interrupted
+    /// imports and pulls.
+    Gc,
 }
 
 #[derive(Debug, Args)]

@@ -102,6 +102,16 @@ fn an_imported_image_runs_like_docker_run() {
     ok(&hangar(state, &["image", "rm", &tag]));
     let listed = ok(&hangar(state, &["image", "ls"]));
     assert!(!listed.contains(&tag), "{listed}");
+    // Its blobs are no longer used by any image: gc frees them (this
+    // layout's base layer is unique to it), and the layout imports again.
+    let gc: serde_json::Value =
+        serde_json::from_str(&ok(&hangar(state, &["--json", "image", "gc"]))).unwrap();
+    assert!(gc["blobs_removed"].as_u64().unwrap() >= 1, "{gc}");
+    ok(&hangar(
+        state,
+        &["image", "import", layout.to_str().unwrap(), "--tag", &tag],
+    ));
+    ok(&hangar(state, &["image", "rm", &tag]));
 }
 
 #[test]

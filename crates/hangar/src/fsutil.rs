@@ -18,6 +18,15 @@ pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
 /// value drops; the kernel releases it if the process dies. `wait` blocks
 /// for a holder; otherwise a held lock is `WouldBlock`.
 pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    lock_file_as(path, true, wait)
+}
+
+/// Like [`lock_file`], shared (many holders) or exclusive.
+pub fn lock_file_as(
+    path: &Path,
+    exclusive: bool,
+    wait: bool,
+) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -25,10 +34,12 @@ pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<nix::fcntl::Flock<s
         .write(true)
         .mode(0o600)
         .open(path)?;
-    let how = if wait {
-        nix::fcntl::FlockArg::LockExclusive
-    } else {
-        nix::fcntl::FlockArg::LockExclusiveNonblock
+    use nix::fcntl::FlockArg;
+    let how = match (exclusive, wait) {
+        (true, true) => FlockArg::LockExclusive,
+        (true, false) => FlockArg::LockExclusiveNonblock,
+        (false, true) => FlockArg::LockShared,
+        (false, false) => FlockArg::LockSharedNonblock,
     };
     nix::fcntl::Flock::lock(file, how).map_err(|(_, errno)| std::io::Error::from(errno))
 }

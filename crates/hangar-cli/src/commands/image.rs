@@ -51,6 +51,19 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             print_rows(&["NAME", "DIGEST", "SIZE", "IMPORTED"], rows)?;
         }
         ImageCommand::Inspect { reference } => print_json(&manager.image(&reference)?)?,
+        ImageCommand::Gc => {
+            let report = manager.gc_images()?;
+            if global.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "removed {} blobs ({:.1} MB) and {} leftovers",
+                    report.blobs_removed,
+                    report.bytes_freed as f64 / 1e6,
+                    report.scratch_removed
+                );
+            }
+        }
         ImageCommand::Rm { reference } => {
             let digest = manager.remove_image(&reference)?;
             if global.json {

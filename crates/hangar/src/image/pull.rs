@@ -238,6 +238,13 @@ async fn fetch_blob(
         let path = path.to_path_buf();
         move |source| PullError::Io { path, source }
     };
+    // Concurrent pulls of one image share the work: whoever holds a blob's
+    // lock downloads it; the others wait, then find it stored.
+    let lock_path = scratch.join(format!("blob-{}.lock", digest.hex()));
+    let _lock = crate::fsutil::lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
+    if blobs.contains(&digest) {
+        return Ok(());
+    }
     let download = tempfile::Builder::new()
         .prefix("pull-")
         .tempfile_in(scratch)

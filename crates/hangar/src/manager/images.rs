@@ -29,6 +29,7 @@ impl Manager {
     pub fn import_image(&self, source: &Path, tag: Option<&str>) -> Result<Imported, ManagerError> {
         let scratch = self.layout.images_dir().join("tmp");
         crate::layout::create_private_dir(&scratch)?;
+        let _in_use = self.image_work_lock(false)?;
         let imported = import(source, tag, &self.blob_store(), &scratch)?;
         for (names, record) in &imported {
             self.build_rootfs(record)?;
@@ -47,6 +48,7 @@ impl Manager {
     ) -> Result<(String, ImageRecord), ManagerError> {
         let scratch = self.layout.images_dir().join("tmp");
         crate::layout::create_private_dir(&scratch)?;
+        let _in_use = self.image_work_lock(false)?;
         let (name, record) = pull(reference, options, &self.blob_store(), &scratch, progress)?;
         progress("building the root file system");
         self.build_rootfs(&record)?;
@@ -103,7 +105,76 @@ impl Manager {
     /// work a `run` of a stored image does).
     pub fn image_rootfs(&self, reference: &str) -> Result<PathBuf, ManagerError> {
         let record = self.image(reference)?;
+        let _in_use = self.image_work_lock(false)?;
         self.build_rootfs(&record)
+    }
+
+    /// Image work (import, pull, rootfs builds) holds this shared; `image
+    /// gc` holds it alone, so it never deletes a blob an import has stored
+    /// but not yet named.
+    fn image_work_lock(
+        &self,
+        exclusive: bool,
+    ) -> Result<nix::fcntl::Flock<std::fs::File>, ManagerError> {
+        let dir = self.layout.images_dir();
+        crate::layout::create_private_dir(&dir)?;
+        let path = dir.join("gc.lock");
+        crate::fsutil::lock_file_as(&path, exclusive, true)
+            .map_err(|source| ManagerError::Io { path, source })
+    }
+
+    /// Removes blobs no stored image refers to, and what interrupted
+    /// imports and pulls left behind. Images (and so their blobs) are kept
+    /// while named; a VM keeps its image from being removed.
+    pub fn gc_images(&self) -> Result<ImageGcReport, ManagerError> {
+        let _alone = self.image_work_lock(true)?;
+        let mut keep = std::collections::BTreeSet::new();
+        for (_, record) in self.images()? {
+            keep.insert(record.manifest_digest.clone());
+            keep.insert(record.config_digest.clone());
+            keep.extend(record.layers.iter().map(|l| l.digest.clone()));
+        }
+        let mut report = ImageGcReport::default();
+        let blob_dir = self.layout.root().join("blobs-v1").join("sha256");
+        for entry in std::fs::read_dir(&blob_dir).into_iter().flatten().flatten() {
+            let name = format!("sha256:{}", entry.file_name().to_string_lossy());
+            if keep.contains(&name) {
+                continue;
+            }
+            let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(entry.path()).is_ok() {
+                report.blobs_removed += 1;
+                report.bytes_freed += bytes;
+            }
+        }
+        // Nothing is in flight (we hold the lock alone): every scratch
+        // entry is a leftover.
+        let scratch_dirs = [
+            self.layout.root().join("blobs-v1").join("tmp"),
+            self.layout.images_dir().join("tmp"),
+        ];
+        for dir in scratch_dirs {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ours = dir.ends_with("blobs-v1/tmp")
+                    || ["import-", "rootfs-", "pull-", "blob-"]
+                        .iter()
+                        .any(|prefix| name.starts_with(prefix));
+                if !ours {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if removed.is_ok() {
+                    report.scratch_removed += 1;
+                }
+            }
+        }
+        Ok(report)
     }
 
     fn build_rootfs(&self, record: &ImageRecord) -> Result<PathBuf, ManagerError> {
@@ -142,6 +213,15 @@ impl Manager {
         }
         Ok(request)
     }
+}
+
+/// What `image gc` removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImageGcReport {
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    /// Leftovers of interrupted imports and pulls.
+    pub scratch_removed: u64,
 }
 
 /// The manifest digest a VM's image is pinned to.

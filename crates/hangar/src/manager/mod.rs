@@ -27,6 +27,7 @@ use crate::store::Store;
 pub use error::ManagerError;
 pub use filter::ListFilter;
 pub use gc::GcReport;
+pub use images::ImageGcReport;
 pub use run::RunOutcome;
 pub use up::{UpAction, UpChange};
 
