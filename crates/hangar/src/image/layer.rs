@@ -1,7 +1,7 @@
 //! Applying OCI image layers onto a root filesystem directory.
 //!
-//! A layer is a tar stream (plain or gzip; zstd is recognised and refused for
-//! now) applied over the layers before it, with OCI semantics: `dir/.wh.NAME`
+//! A layer is a tar stream (plain, gzip or zstd, told apart by their magic
+//! bytes) applied over the layers before it, with OCI semantics: `dir/.wh.NAME`
 //! deletes `dir/NAME` (a whole tree if need be) and `dir/.wh..wh..opq` empties
 //! `dir`; whiteouts only hide lower layers, so every path the current layer
 //! writes is remembered and spared. An entry replaces what is at its path (a
@@ -68,8 +68,6 @@ pub enum LayerError {
         #[source]
         source: io::Error,
     },
-    #[error("zstd-compressed layers are not supported yet (only gzip and uncompressed tar)")]
-    Zstd,
     #[error("layer stream is truncated or corrupt{}: {source}", near(.entry))]
     Stream {
         /// The entry being read, or the last one read.
@@ -194,7 +192,8 @@ pub fn apply_layer(mut layer: impl Read, root: &Path) -> Result<LayerStats, Laye
     if head.starts_with(&GZIP_MAGIC) {
         apply_tar(flate2::read::MultiGzDecoder::new(reader), root)
     } else if head == ZSTD_MAGIC {
-        Err(LayerError::Zstd)
+        let decoder = zstd::stream::read::Decoder::new(reader).map_err(stream(None))?;
+        apply_tar(decoder, root)
     } else {
         apply_tar(io::BufReader::with_capacity(BUF_SIZE, reader), root)
     }
