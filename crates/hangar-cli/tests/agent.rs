@@ -605,6 +605,12 @@ fn a_published_port_reaches_a_server_in_the_guest() {
     assert_eq!(record["ports"][0]["guest"], 8080);
     let addresses = record["guest"]["addresses"].to_string();
     assert!(addresses.contains("eth0 10.0.2.15/24"), "{addresses}");
+    // Loopback is up (IFF_UP | IFF_LOOPBACK).
+    let lo = ok(&hangar(
+        state,
+        &["exec", &vm, "--", "cat", "/sys/class/net/lo/flags"],
+    ));
+    assert_eq!(lo.trim(), "0x9");
 
     ok(&hangar(
         state,
