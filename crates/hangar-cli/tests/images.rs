@@ -10,7 +10,7 @@ mod oci_layout;
 use std::path::PathBuf;
 
 use common::*;
-use oci_layout::{app_image, layer, write_layout, Item};
+use oci_layout::{app_docker_save, app_image, layer, write_layout, Item};
 
 fn scratch(prefix: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
@@ -184,4 +184,27 @@ fn tampered_blobs_and_hostile_layers_are_refused() {
         "{}",
         text(&unknown.stderr)
     );
+}
+
+#[test]
+fn a_docker_save_archive_imports_and_runs() {
+    let state = shared_state();
+    let tag = format!("hangar-test/{}:1", unique("saved"));
+    let archive = app_docker_save(&scratch("saved"), &tag);
+    let out = ok(&hangar(
+        state,
+        &["image", "import", archive.to_str().unwrap()],
+    ));
+    assert!(out.contains(&tag), "the archive's RepoTags name it: {out}");
+    let run = hangar(
+        state,
+        &["run", "--image", &tag, "--", "id -un; cat /app/hello.txt"],
+    );
+    assert_eq!(
+        text(&run.stdout),
+        "app\nhello from layer 2\n",
+        "{}",
+        text(&run.stderr)
+    );
+    ok(&hangar(state, &["image", "rm", &tag]));
 }

@@ -135,6 +135,43 @@ pub fn write_layout(
 /// The base layer carries the layout's own path, so no two layouts share
 /// a blob (the store would otherwise already hold it and not read it).
 pub fn app_image(dir: &Path, ref_name: Option<&str>) -> PathBuf {
+    let (base, top, config) = app_parts(dir);
+    write_layout(dir, &[(gzip(&base), true), (top, false)], config, ref_name)
+}
+
+/// The app image as `docker save` writes it: a tar with manifest.json,
+/// the config and one uncompressed tar per layer, named `repo_tag`.
+pub fn app_docker_save(dir: &Path, repo_tag: &str) -> PathBuf {
+    let (base, top, config) = app_parts(dir);
+    let config = serde_json::to_vec(&config).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [repo_tag],
+        "Layers": ["base/layer.tar", "top/layer.tar"],
+    }]);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", manifest.as_slice()),
+        ("config.json", config.as_slice()),
+        ("base/layer.tar", base.as_slice()),
+        ("top/layer.tar", top.as_slice()),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_size(data.len() as u64);
+        builder.append_data(&mut header, name, data).unwrap();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let archive = dir.join("saved.tar");
+    std::fs::write(&archive, builder.into_inner().unwrap()).unwrap();
+    archive
+}
+
+/// The app image's two layers (uncompressed) and its config.
+fn app_parts(dir: &Path) -> (Vec<u8>, Vec<u8>, serde_json::Value) {
     let busybox = std::fs::read("/bin/busybox").unwrap();
     let marker = dir.display().to_string();
     let mut base = vec![
@@ -177,10 +214,5 @@ pub fn app_image(dir: &Path, ref_name: Option<&str>) -> PathBuf {
             "User": "app",
         },
     });
-    write_layout(
-        dir,
-        &[(gzip(&layer(&base)), true), (layer(&top), false)],
-        config,
-        ref_name,
-    )
+    (layer(&base), layer(&top), config)
 }
