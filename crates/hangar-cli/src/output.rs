@@ -49,13 +49,6 @@ impl Spinner {
         Self(Some(bar))
     }
 
-    /// Changes what the spinner says (nothing without a terminal).
-    pub fn set_message(&self, message: &str) {
-        if let Some(bar) = &self.0 {
-            bar.set_message(message.to_owned());
-        }
-    }
-
     pub fn finish(self) {
         if let Some(bar) = self.0 {
             bar.finish_and_clear();

@@ -112,11 +112,9 @@ pub fn pull(global: &Global, args: PullArgs) -> anyhow::Result<u8> {
         credentials,
     };
     let manager = open(global)?;
-    let spinner = Spinner::start(&format!("pulling {}", args.reference), global.json);
-    let pulled = manager.pull_image(&args.reference, &options, &mut |step| {
-        spinner.set_message(&format!("pulling {}: {step}", args.reference));
-    });
-    spinner.finish();
+    let bar = PullBar::new(&args.reference, global.json);
+    let pulled = manager.pull_image(&args.reference, &options, &mut |event| bar.on(event));
+    bar.finish();
     let (name, record) = pulled?;
     if global.json {
         print_json(&serde_json::json!({"name": name, "image": record}))?;
@@ -124,6 +122,49 @@ pub fn pull(global: &Global, args: PullArgs) -> anyhow::Result<u8> {
         println!("{name} {}", record.manifest_digest);
     }
     Ok(0)
+}
+
+/// A byte progress bar for a pull on a terminal; nothing otherwise.
+struct PullBar {
+    bar: Option<indicatif::ProgressBar>,
+    reference: String,
+}
+
+impl PullBar {
+    fn new(reference: &str, json: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            bar,
+            reference: reference.to_owned(),
+        }
+    }
+
+    fn on(&self, event: hangar::image::pull::PullEvent) {
+        use hangar::image::pull::PullEvent;
+        let Some(bar) = &self.bar else { return };
+        match event {
+            PullEvent::Step(step) => bar.set_message(format!("{}: {step}", self.reference)),
+            PullEvent::Total(total) => bar.set_length(total),
+            PullEvent::Bytes(n) => bar.inc(n),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn short_digest(digest: &str) -> String {

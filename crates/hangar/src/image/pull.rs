@@ -77,14 +77,25 @@ impl std::fmt::Debug for PullOptions {
     }
 }
 
+/// What a pull reports as it goes, for a progress bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// A step, in words.
+    Step(String),
+    /// The bytes the image's blobs will take, once the manifest is known
+    /// (blobs already stored count as done at once).
+    Total(u64),
+    /// This many more bytes arrived (or were found stored).
+    Bytes(u64),
+}
+
 /// Pulls `reference` into `blobs`; returns its normalised name and record.
-/// `progress` hears what is happening, for a spinner.
 pub fn pull(
     reference: &str,
     options: &PullOptions,
     blobs: &BlobStore,
     scratch: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(PullEvent),
 ) -> Result<(String, ImageRecord), PullError> {
     let normalized = normalize_reference(reference).map_err(CatalogError::from)?;
     let registry_err = |detail: String| PullError::Registry {
@@ -116,20 +127,17 @@ pub fn pull(
             source,
         })?;
     runtime.block_on(async {
-        progress("resolving manifest");
+        progress(PullEvent::Step("resolving manifest".into()));
         let (digest, manifest) =
             resolve_manifest(&client, &image, &auth, &normalized, blobs).await?;
-        let total = manifest.layers.len() + 1;
-        for (index, blob) in std::iter::once(&manifest.config)
+        let blobs_to_get: Vec<&Descriptor> = std::iter::once(&manifest.config)
             .chain(&manifest.layers)
-            .enumerate()
-        {
-            progress(&format!(
-                "blob {}/{total} ({:.1} MB)",
-                index + 1,
-                blob.size as f64 / 1e6
-            ));
-            fetch_blob(&client, &image, blob, blobs, scratch, &normalized).await?;
+            .collect();
+        progress(PullEvent::Total(blobs_to_get.iter().map(|b| b.size).sum()));
+        let count = blobs_to_get.len();
+        for (index, blob) in blobs_to_get.into_iter().enumerate() {
+            progress(PullEvent::Step(format!("blob {}/{count}", index + 1)));
+            fetch_blob(&client, &image, blob, blobs, scratch, &normalized, progress).await?;
         }
         let config_digest = Sha256Digest::parse(&manifest.config.digest)?;
         let config: ImageConfigFile = serde_json::from_slice(&blobs.read(&config_digest)?)
@@ -229,9 +237,11 @@ async fn fetch_blob(
     blobs: &BlobStore,
     scratch: &Path,
     name: &str,
+    progress: &mut dyn FnMut(PullEvent),
 ) -> Result<(), PullError> {
     let digest = Sha256Digest::parse(&blob.digest)?;
     if blobs.contains(&digest) {
+        progress(PullEvent::Bytes(blob.size));
         return Ok(());
     }
     let io_err = |path: &Path| {
@@ -243,6 +253,7 @@ async fn fetch_blob(
     let lock_path = scratch.join(format!("blob-{}.lock", digest.hex()));
     let _lock = crate::fsutil::lock_file(&lock_path, true).map_err(io_err(&lock_path))?;
     if blobs.contains(&digest) {
+        progress(PullEvent::Bytes(blob.size));
         return Ok(());
     }
     let download = tempfile::Builder::new()
@@ -258,6 +269,7 @@ async fn fetch_blob(
     let mut limited = LimitedWriter {
         inner: file,
         left: blob.size.saturating_add(1),
+        progress,
     };
     client
         .pull_blob(image, blob.digest.as_str(), &mut limited)
@@ -275,13 +287,14 @@ async fn fetch_blob(
     Ok(())
 }
 
-/// Fails a write past `left` bytes.
-struct LimitedWriter<W> {
+/// Fails a write past `left` bytes; reports what it writes.
+struct LimitedWriter<'p, W> {
     inner: W,
     left: u64,
+    progress: &'p mut dyn FnMut(PullEvent),
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedWriter<W> {
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedWriter<'_, W> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -296,6 +309,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedWriter<W
         let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &written {
             this.left -= *n as u64;
+            (this.progress)(PullEvent::Bytes(*n as u64));
         }
         written
     }

@@ -9,7 +9,7 @@ use super::{Manager, ManagerError};
 use crate::image::blobs::BlobStore;
 use crate::image::catalog::{Catalog, ImageRecord};
 use crate::image::import::{import, Imported};
-use crate::image::pull::{pull, PullOptions};
+use crate::image::pull::{pull, PullEvent, PullOptions};
 use crate::image::rootfs::ensure_rootfs;
 use crate::record::VmRecord;
 use crate::spec::ImageSource;
@@ -39,18 +39,18 @@ impl Manager {
     }
 
     /// Pulls an image from its registry, builds its root file system, and
-    /// names it. `progress` hears each step (for a spinner).
+    /// names it. `progress` hears steps and bytes (for a progress bar).
     pub fn pull_image(
         &self,
         reference: &str,
         options: &PullOptions,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut dyn FnMut(PullEvent),
     ) -> Result<(String, ImageRecord), ManagerError> {
         let scratch = self.layout.images_dir().join("tmp");
         crate::layout::create_private_dir(&scratch)?;
         let _in_use = self.image_work_lock(false)?;
         let (name, record) = pull(reference, options, &self.blob_store(), &scratch, progress)?;
-        progress("building the root file system");
+        progress(PullEvent::Step("building the root file system".into()));
         self.build_rootfs(&record)?;
         self.image_catalog()
             .save(&record, std::slice::from_ref(&name))?;
