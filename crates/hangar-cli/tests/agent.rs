@@ -16,14 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn running_vm(prefix: &str) -> (String, VmGuard<'static>) {
-    let state = shared_state();
-    let name = unique(prefix);
-    ok(&hangar(state, &["create", "--name", &name]));
-    ok(&hangar(state, &["start", &name]));
-    (name.clone(), VmGuard { state, name })
-}
-
 #[test]
 fn users_and_guest_facts() {
     let state = shared_state();

@@ -11,14 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn running_vm(prefix: &str) -> (String, VmGuard<'static>) {
-    let state = shared_state();
-    let name = unique(prefix);
-    ok(&hangar(state, &["create", "--name", &name]));
-    ok(&hangar(state, &["start", &name]));
-    (name.clone(), VmGuard { state, name })
-}
-
 #[test]
 fn stdin_output_and_failures() {
     let state = shared_state();

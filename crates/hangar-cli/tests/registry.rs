@@ -7,28 +7,12 @@
 mod common;
 mod oci_layout;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
 
 use common::*;
+use hangar::bench_image::LocalRegistry;
 use oci_layout::app_image;
-
-/// A docker-registry process, killed when dropped.
-struct Registry {
-    child: Child,
-    port: u16,
-    storage: PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn scratch(prefix: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
@@ -48,89 +32,27 @@ fn require(program: &str, package: &str) {
     );
 }
 
-fn start_registry() -> Registry {
+/// Debian's docker-registry on 127.0.0.1 with a free port and its own
+/// storage (the same fixture `hangar bench image` uses).
+fn start_registry() -> LocalRegistry {
     require("docker-registry", "docker-registry");
     require("skopeo", "skopeo");
-    let dir = scratch("registry");
-    let storage = dir.join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let registry = Registry {
-        child,
-        port,
-        storage,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if v2_answers(port) {
-            return registry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "docker-registry did not answer on 127.0.0.1:{port} within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    LocalRegistry::start(&scratch("registry")).unwrap()
 }
 
-/// True once `GET /v2/` answers 200.
-fn v2_answers(port: u16) -> bool {
-    let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-    if conn.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut reply = String::new();
-    let _ = conn.read_to_string(&mut reply);
-    reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
-}
-
-fn push(layout: &Path, target: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "-q", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}", layout.display()))
-        .arg(format!("docker://{target}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo copy failed: {}",
-        text(&out.stderr)
-    );
+/// Pushes a fresh app image as `hangar-test/<prefix>-N:1`; its full name.
+fn push_app(registry: &LocalRegistry, prefix: &str) -> String {
+    let layout = app_image(&scratch("layout"), None);
+    registry
+        .push(&layout, &format!("hangar-test/{}:1", unique(prefix)))
+        .unwrap()
 }
 
 #[test]
 fn pull_from_a_registry_then_run() {
     let state = shared_state();
     let registry = start_registry();
-    let name = format!(
-        "127.0.0.1:{}/hangar-test/{}:1",
-        registry.port,
-        unique("app")
-    );
-    push(&app_image(&scratch("layout"), None), &name);
+    let name = push_app(&registry, "app");
 
     let out = ok(&hangar(state, &["pull", &name]));
     assert!(out.starts_with(&format!("{name} sha256:")), "{out}");
@@ -164,12 +86,7 @@ fn pull_from_a_registry_then_run() {
 fn a_blob_tampered_in_the_registry_is_refused() {
     let state = shared_state();
     let registry = start_registry();
-    let name = format!(
-        "127.0.0.1:{}/hangar-test/{}:1",
-        registry.port,
-        unique("bad")
-    );
-    push(&app_image(&scratch("layout"), None), &name);
+    let name = push_app(&registry, "bad");
     // Flip a byte of the biggest blob in the registry's own storage.
     let blobs = registry.storage.join("docker/registry/v2/blobs/sha256");
     let mut files = Vec::new();

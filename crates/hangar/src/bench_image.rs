@@ -1,4 +1,5 @@
-//! The fixture for `hangar bench image`: an OCI layout of a given size, a
+//! The fixture for `hangar bench image` (and the registry tests): an OCI
+//! layout of a given size, a
 //! throwaway docker-registry on 127.0.0.1 holding it (pushed with skopeo),
 //! and the baseline — `skopeo copy` + `tar -x` + `mkfs.ext4 -d` of the same
 //! image — timed with the same tools a user would use by hand.
@@ -103,6 +104,8 @@ pub fn write_layout(dir: &Path, megabytes: u64) -> Result<(), ManagerError> {
 pub struct LocalRegistry {
     child: Child,
     pub port: u16,
+    /// Where the registry keeps its blobs (tests tamper with them).
+    pub storage: PathBuf,
 }
 
 impl Drop for LocalRegistry {
@@ -127,6 +130,7 @@ impl LocalRegistry {
             dir.join("registry-data").display()
         )
         .map_err(io)?;
+        let storage = dir.join("registry-data");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -139,7 +143,11 @@ impl LocalRegistry {
                     format!("{e} (apt-get install docker-registry)"),
                 )
             })?;
-        let registry = Self { child, port };
+        let registry = Self {
+            child,
+            port,
+            storage,
+        };
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if started.elapsed() > REGISTRY_START {

@@ -142,6 +142,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// A fresh VM on the default image, started, removed when the guard drops.
+pub fn running_vm(prefix: &str) -> (String, VmGuard<'static>) {
+    let state = shared_state();
+    let name = unique(prefix);
+    ok(&hangar(state, &["create", "--name", &name]));
+    ok(&hangar(state, &["start", &name]));
+    (name.clone(), VmGuard { state, name })
+}
+
 /// Removes a VM when dropped, so a failing test leaves no QEMU behind.
 pub struct VmGuard<'a> {
     pub state: &'a Path,

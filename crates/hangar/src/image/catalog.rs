@@ -32,6 +32,27 @@ pub struct ImageRecord {
     pub imported_at: DateTime<Utc>,
 }
 
+impl ImageRecord {
+    /// The record of a manifest (stored under `manifest_digest`) whose
+    /// config blob was read as `config`.
+    pub fn new(
+        manifest_digest: String,
+        manifest: &super::oci::Manifest,
+        config: super::oci::ImageConfigFile,
+    ) -> Self {
+        Self {
+            manifest_digest,
+            config_digest: manifest.config.digest.clone(),
+            layers: manifest.layers.clone(),
+            architecture: config.architecture,
+            os: config.os,
+            config: config.config,
+            size: manifest.layers.iter().map(|l| l.size).sum(),
+            imported_at: Utc::now(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error(transparent)]

@@ -324,16 +324,11 @@ fn record_from_stored(
 ) -> Result<ImageRecord, ImportError> {
     let config_digest = Sha256Digest::parse(&manifest.config.digest)?;
     let config: ImageConfigFile = parse_json(&blobs.read(&config_digest)?, "image config", dir)?;
-    Ok(ImageRecord {
-        manifest_digest: descriptor.digest.clone(),
-        config_digest: config_digest.to_string(),
-        layers: manifest.layers.clone(),
-        architecture: config.architecture,
-        os: config.os,
-        config: config.config,
-        size: manifest.layers.iter().map(|l| l.size).sum(),
-        imported_at: chrono::Utc::now(),
-    })
+    Ok(ImageRecord::new(
+        descriptor.digest.clone(),
+        manifest,
+        config,
+    ))
 }
 
 /// Hashes a file of the archive, then stores it under that digest (the

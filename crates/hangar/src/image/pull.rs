@@ -146,16 +146,7 @@ pub fn pull(
                 what: "image config",
                 source,
             })?;
-        let record = ImageRecord {
-            manifest_digest: digest.to_string(),
-            config_digest: config_digest.to_string(),
-            layers: manifest.layers.clone(),
-            architecture: config.architecture,
-            os: config.os,
-            config: config.config,
-            size: manifest.layers.iter().map(|l| l.size).sum(),
-            imported_at: chrono::Utc::now(),
-        };
+        let record = ImageRecord::new(digest.to_string(), &manifest, config);
         Ok((normalized.clone(), record))
     })
 }
