@@ -84,7 +84,7 @@ pub enum Command {
     Info,
     /// Pull an image from a registry (127.0.0.1/localhost over HTTP).
     Pull(PullArgs),
-    /// OCI images: import, ls, inspect, rm.
+    /// OCI images: import, ls, inspect, rm, gc.
     #[command(subcommand)]
     Image(ImageCommand),
     /// Write the guest agent (a static x86_64 binary) to a file, to put in
