@@ -109,7 +109,7 @@ pub fn serve_channel(
     loop {
         let frame = match reader.read_frame() {
             Ok(frame) => frame,
-            Err(FrameError::Closed) => {
+            Err(err) if host_gone(&err) => {
                 // The host is gone: its commands' stdin ends with it.
                 close_all_stdin(&table);
                 if on_end == OnEnd::Finish {
@@ -117,15 +117,6 @@ pub fn serve_channel(
                 }
                 // Maybe mid-frame: forget the partial frame and wait for
                 // the next host.
-                reader.reset();
-                std::thread::sleep(HOST_ABSENT_POLL);
-                continue;
-            }
-            Err(FrameError::Io(err)) if err.kind() == io::ErrorKind::UnexpectedEof => {
-                close_all_stdin(&table);
-                if on_end == OnEnd::Finish {
-                    return Ok(());
-                }
                 reader.reset();
                 std::thread::sleep(HOST_ABSENT_POLL);
                 continue;
@@ -269,6 +260,15 @@ fn feed_stdin(table: &Table, id: u32, data: Vec<u8>) {
         // Never blocks. The writer may have stopped (the command closed its
         // stdin); the data then has nowhere to go, like a closed pipe.
         let _ = feed.send(data);
+    }
+}
+
+/// End of input, clean or in the middle of a frame: no host any more.
+fn host_gone(err: &FrameError) -> bool {
+    match err {
+        FrameError::Closed => true,
+        FrameError::Io(err) => err.kind() == io::ErrorKind::UnexpectedEof,
+        _ => false,
     }
 }
 

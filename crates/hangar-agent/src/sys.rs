@@ -43,53 +43,45 @@ pub fn mount_from(
     fstype: &str,
     flags: libc::c_ulong,
 ) -> io::Result<()> {
+    mount_raw(source, target, Some(fstype), flags)
+}
+
+/// Moves the mount at `from` (with everything mounted below it) to `to`.
+pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
+    mount_raw(from, to, None, libc::MS_MOVE)
+}
+
+/// mount(2) without data; `fstype` None for flags that take none (MS_MOVE).
+fn mount_raw(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
     let source_c = CString::new(source)?;
     let target_c = CString::new(target)?;
-    let fstype_c = CString::new(fstype)?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
+    let fstype_c = fstype.map(CString::new).transpose()?;
+    // SAFETY: valid NUL-terminated strings (or null for no type); no data.
     let rc = unsafe {
         libc::mount(
             source_c.as_ptr(),
             target_c.as_ptr(),
-            fstype_c.as_ptr(),
+            fstype_c.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
             flags,
             std::ptr::null(),
         )
     };
     if rc == 0 {
-        Ok(())
-    } else {
-        let err = io::Error::last_os_error();
-        Err(io::Error::new(
-            err.kind(),
-            format!("mount {source} on {target} ({fstype}): {err}"),
-        ))
+        return Ok(());
     }
-}
-
-/// Moves the mount at `from` (with everything mounted below it) to `to`.
-pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
-    let from_c = CString::new(from)?;
-    let to_c = CString::new(to)?;
-    // SAFETY: valid NUL-terminated strings; MS_MOVE takes no type or data.
-    let rc = unsafe {
-        libc::mount(
-            from_c.as_ptr(),
-            to_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        let err = io::Error::last_os_error();
-        Err(io::Error::new(
-            err.kind(),
-            format!("move mount {from} to {to}: {err}"),
-        ))
-    }
+    let err = io::Error::last_os_error();
+    Err(io::Error::new(
+        err.kind(),
+        format!(
+            "mount {source} on {target} ({}): {err}",
+            fstype.unwrap_or("move")
+        ),
+    ))
 }
 
 pub fn chroot(path: &str) -> io::Result<()> {

@@ -44,3 +44,18 @@ pub fn raw_row_scan(state_dir: &std::path::Path) -> Result<(usize, Duration), Ma
     let n = store.count_raw()?;
     Ok((n, started.elapsed()))
 }
+
+/// `len` bytes that do not compress (xorshift64 from `seed`, never 0):
+/// payloads for throughput benchmarks, cheap to make.
+pub fn incompressible_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&state.to_le_bytes()[..n]);
+    }
+    data
+}

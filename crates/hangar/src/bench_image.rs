@@ -45,16 +45,9 @@ pub fn write_layout(dir: &Path, megabytes: u64) -> Result<(), ManagerError> {
         flate2::Compression::fast(),
     ));
     let per_file = megabytes * 1024 * 1024 / 8;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for index in 0..8 {
-        let mut data = vec![0u8; per_file as usize];
-        for chunk in data.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let n = chunk.len();
-            chunk.copy_from_slice(&state.to_le_bytes()[..n]);
-        }
+        let data =
+            crate::bench::incompressible_bytes(per_file as usize, 0x9e37_79b9_7f4a_7c15 + index);
         let mut header = tar::Header::new_gnu();
         header.set_mode(0o644);
         header.set_uid(0);

@@ -153,15 +153,7 @@ fn time_copies(
 ) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let source = dir.path().join("payload");
-    let mut data = vec![0u8; bytes as usize];
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let n = chunk.len();
-        chunk.copy_from_slice(&state.to_le_bytes()[..n]);
-    }
+    let data = hangar::bench::incompressible_bytes(bytes as usize, 0x2545_f491_4f6c_dd1d);
     std::fs::write(&source, &data)?;
     let mut no_check = || Ok(());
     let started = Instant::now();

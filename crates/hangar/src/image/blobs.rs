@@ -142,47 +142,7 @@ impl BlobStore {
             move |source| BlobError::Io { path, source }
         };
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        // One byte past the declared size is enough to know it is too big.
-        let mut limited = source.take(size.saturating_add(1));
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut got = 0u64;
-        loop {
-            let n = match limited.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(BlobError::Io {
-                        path: PathBuf::from(digest.to_string()),
-                        source,
-                    })
-                }
-            };
-            got += n as u64;
-            if got > size {
-                return Err(BlobError::TooLarge {
-                    digest: digest.to_string(),
-                    declared: size,
-                });
-            }
-            hasher.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io_err(tmp.path()))?;
-        }
-        if got != size {
-            return Err(BlobError::WrongSize {
-                digest: digest.to_string(),
-                declared: size,
-                got,
-            });
-        }
-        let actual = hex::encode(hasher.finalize());
-        if actual != digest.hex() {
-            return Err(BlobError::WrongDigest {
-                digest: digest.to_string(),
-                got: actual,
-            });
-        }
+        check_stream(digest, size, source, Some(tmp.as_file_mut()))?;
         tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
         tmp.persist(&final_path).map_err(|err| BlobError::Io {
             path: final_path.clone(),
@@ -190,6 +150,96 @@ impl BlobStore {
         })?;
         Ok(final_path)
     }
+
+    /// Like [`BlobStore::put`] for a file already on disk (a download): it
+    /// is checked where it lies and renamed into place, not copied. The
+    /// file is consumed on success.
+    pub fn put_file(
+        &self,
+        digest: &Sha256Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<PathBuf, BlobError> {
+        let final_path = self.path(digest);
+        if final_path.is_file() {
+            return Ok(final_path);
+        }
+        let io_err = |source| BlobError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        check_stream(digest, size, &file, None)?;
+        file.sync_all().map_err(io_err)?;
+        let sha_dir = self.root.join("sha256");
+        crate::layout::create_private_dir(&sha_dir).map_err(|source| BlobError::Io {
+            path: sha_dir.clone(),
+            source: io::Error::other(source),
+        })?;
+        match std::fs::rename(path, &final_path) {
+            Ok(()) => Ok(final_path),
+            // Another file system: copy it through the checks instead.
+            Err(_) => self.put(digest, size, File::open(path).map_err(io_err)?),
+        }
+    }
+}
+
+/// Reads `source` to its end, checking it is exactly `size` bytes (reading
+/// at most one byte more) whose sha256 is `digest`; copies it into `sink`
+/// when given.
+fn check_stream(
+    digest: &Sha256Digest,
+    size: u64,
+    source: impl Read,
+    mut sink: Option<&mut File>,
+) -> Result<(), BlobError> {
+    // One byte past the declared size is enough to know it is too big.
+    let mut limited = source.take(size.saturating_add(1));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(BlobError::Io {
+                    path: PathBuf::from(digest.to_string()),
+                    source,
+                })
+            }
+        };
+        got += n as u64;
+        if got > size {
+            return Err(BlobError::TooLarge {
+                digest: digest.to_string(),
+                declared: size,
+            });
+        }
+        hasher.update(&buf[..n]);
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.write_all(&buf[..n]).map_err(|source| BlobError::Io {
+                path: PathBuf::from(digest.to_string()),
+                source,
+            })?;
+        }
+    }
+    if got != size {
+        return Err(BlobError::WrongSize {
+            digest: digest.to_string(),
+            declared: size,
+            got,
+        });
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != digest.hex() {
+        return Err(BlobError::WrongDigest {
+            digest: digest.to_string(),
+            got: actual,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -226,6 +276,24 @@ mod tests {
             .expect("tmp dir")
             .count();
         assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn a_downloaded_file_is_checked_then_moved_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::new(dir.path());
+        let download = dir.path().join("download");
+        std::fs::write(&download, b"blob").expect("write");
+        let wrong = Sha256Digest::of(b"other");
+        assert!(matches!(
+            store.put_file(&wrong, 4, &download),
+            Err(BlobError::WrongDigest { .. })
+        ));
+        assert!(!store.contains(&wrong) && download.exists());
+        let digest = Sha256Digest::of(b"blob");
+        let stored = store.put_file(&digest, 4, &download).expect("put_file");
+        assert_eq!(std::fs::read(stored).expect("read"), b"blob");
+        assert!(!download.exists(), "moved, not copied");
     }
 
     #[test]

@@ -273,8 +273,7 @@ async fn fetch_blob(
     tokio::io::AsyncWriteExt::flush(&mut limited.inner)
         .await
         .map_err(io_err(&path))?;
-    let reader = std::fs::File::open(&path).map_err(io_err(&path))?;
-    blobs.put(&digest, blob.size, reader)?;
+    blobs.put_file(&digest, blob.size, &path)?;
     Ok(())
 }
 
