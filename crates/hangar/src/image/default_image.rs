@@ -46,6 +46,15 @@ const VSOCK_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
 /// Modules for an OCI image's ext4 root file system (`hangar.root=`).
 const ROOTFS_MODULES: &[&str] = &["ext4"];
 
+/// Kernel arguments every boot of the default image takes (VMs, the
+/// accelerator probe, the raw-QEMU baseline). `quiet` because printing to
+/// an emulated UART is slow under TCG (errors still print); crypto
+/// self-tests are skipped for the same reason. `no_timer_check`: with
+/// vCPUs starved by a loaded host (8 TCG guests on 2 cores in the crash
+/// test), the kernel's IO-APIC timer check saw no ticks and panicked
+/// ("IO-APIC + timer doesn't work!"); the emulated timer is known good.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notests no_timer_check";
+
 /// Folders searched for the kernel package after the state dir's own.
 const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/archives"];
 /// The Debian metapackage that names the current cloud kernel package.

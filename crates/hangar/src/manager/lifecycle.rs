@@ -19,11 +19,6 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `stop` waits to reach the agent before falling back to ACPI.
 const AGENT_CONNECT_FOR_STOP: Duration = Duration::from_secs(2);
 
-/// Kernel arguments for the default image. `quiet` because printing to an
-/// emulated UART is slow under TCG (errors still print); crypto self-tests
-/// are skipped for the same reason.
-const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
-
 /// Applies a state change if the transition function allows it.
 pub(super) fn transition(
     record: &mut VmRecord,
@@ -325,7 +320,11 @@ impl Manager {
             }
         };
         let accel = self.accelerator()?.accel;
-        let mut cmdline = format!("{BASE_CMDLINE} hangar.hostname={}", record.name);
+        let mut cmdline = format!(
+            "{} hangar.hostname={}",
+            crate::image::default_image::KERNEL_CMDLINE,
+            record.name
+        );
         if record.spec.vsock {
             // The agent loads the vsock modules and listens on vsock too.
             cmdline.push_str(" hangar.vsock=1");

@@ -168,10 +168,10 @@ pub fn boot_to_marker(
     }
     command.arg("-kernel").arg(&inputs.kernel);
     command.arg("-initrd").arg(&inputs.initramfs);
-    command.args([
-        "-append",
-        "console=ttyS0 quiet panic=-1 cryptomgr.notests hangar.probe=1",
-    ]);
+    command.arg("-append").arg(format!(
+        "{} hangar.probe=1",
+        crate::image::default_image::KERNEL_CMDLINE
+    ));
     command.arg("-no-reboot");
     command
         .stdin(Stdio::null())
