@@ -21,9 +21,14 @@
 //! device nodes are refused. This assumes nothing else changes the root
 //! meanwhile.
 //!
-//! Not applied: xattrs (PAX `SCHILY.xattr.*` records are ignored: setting
-//! them needs a dependency or `unsafe`), atimes, sub-second mtimes, and the
-//! header metadata of hard links (they share their target's inode). The root
+//! Extended attributes (PAX `SCHILY.xattr.*`) are set on files and
+//! directories, after owner and mode (a chown clears file capabilities):
+//! `user.*`, `trusted.*`, `security.capability` and POSIX ACLs. Others
+//! (`security.selinux`, ...) describe the build host's policy and are
+//! skipped; a name over 255 bytes or a value over 64 KiB is refused.
+//!
+//! Not applied: atimes, sub-second mtimes, and the header metadata of hard
+//! links (they share their target's inode). The root
 //! entry (`./`) is skipped: the caller owns the root directory.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -309,7 +314,7 @@ struct Layer<'r> {
     /// Every path this layer wrote (whiteouts spare them).
     written: BTreeSet<PathBuf>,
     /// Directories this layer wrote, finished once the layer is in.
-    dirs: BTreeMap<PathBuf, (String, Meta)>,
+    dirs: BTreeMap<PathBuf, (String, Meta, Xattrs)>,
     stats: LayerStats,
     buf: Vec<u8>,
 }
@@ -346,6 +351,7 @@ impl Layer<'_> {
             other => return Err(refused_as(name, Some(other))),
         }
         let meta = Meta::of(entry.header()).map_err(stream(Some(name)))?;
+        let xattrs = xattrs_of(entry, name)?;
         let abs = self
             .walk(name, &rel, true)?
             .ok_or_else(|| refused("its parent directory is missing"))?;
@@ -358,7 +364,8 @@ impl Layer<'_> {
                 if !self.clear(name, &abs, true)? {
                     mkdir(name, &abs, 0o700)?;
                 }
-                self.dirs.insert(rel.clone(), (name.to_owned(), meta));
+                self.dirs
+                    .insert(rel.clone(), (name.to_owned(), meta, xattrs));
             }
             Symlink => {
                 let target = link()?;
@@ -382,7 +389,7 @@ impl Layer<'_> {
                 fs::set_permissions(&abs, Permissions::from_mode(meta.mode))
                     .map_err(io_err(name, "chmod", &abs))?;
             }
-            _ => self.file(entry, name, &abs, meta)?,
+            _ => self.file(entry, name, &abs, meta, &xattrs)?,
         }
         self.written.insert(rel);
         self.stats.entries += 1;
@@ -436,6 +443,7 @@ impl Layer<'_> {
         name: &str,
         abs: &Path,
         meta: Meta,
+        xattrs: &Xattrs,
     ) -> Result<(), LayerError> {
         self.clear(name, abs, false)?;
         let mut file = OpenOptions::new()
@@ -466,7 +474,8 @@ impl Layer<'_> {
             return Err(stream(Some(name))(err));
         }
         self.stats.bytes += written;
-        meta.apply_to(&file, name, abs)
+        meta.apply_to(&file, name, abs)?;
+        set_xattrs(&file, xattrs, name, abs)
     }
 
     fn hard_link(&self, name: &str, abs: &Path, rel: &Path, raw: &[u8]) -> Result<(), LayerError> {
@@ -537,7 +546,7 @@ impl Layer<'_> {
     /// (reverse path order puts descendants before their ancestors). A
     /// directory replaced later in the layer is skipped.
     fn finish_dirs(&self) -> Result<(), LayerError> {
-        for (rel, (name, meta)) in self.dirs.iter().rev() {
+        for (rel, (name, meta, xattrs)) in self.dirs.iter().rev() {
             let abs = match self.walk(name, rel, false) {
                 Ok(Some(abs)) => abs,
                 Ok(None) | Err(LayerError::SymlinkInPath { .. }) => continue,
@@ -552,9 +561,65 @@ impl Layer<'_> {
                 .open(&abs)
                 .map_err(io_err(name, "opening directory", &abs))?;
             meta.apply_to(&dir, name, &abs)?;
+            set_xattrs(&dir, xattrs, name, &abs)?;
         }
         Ok(())
     }
+}
+
+/// Extended attributes of one entry: (name, value).
+type Xattrs = Vec<(String, Vec<u8>)>;
+
+/// Linux's limits (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+
+/// Namespaces an image may carry into its file system.
+fn wanted_xattr(name: &str) -> bool {
+    name.starts_with("user.")
+        || name.starts_with("trusted.")
+        || matches!(
+            name,
+            "security.capability" | "system.posix_acl_access" | "system.posix_acl_default"
+        )
+}
+
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Xattrs, LayerError> {
+    let mut out = Vec::new();
+    let Some(extensions) = entry.pax_extensions().map_err(stream(Some(name)))? else {
+        return Ok(out);
+    };
+    for extension in extensions {
+        let extension = extension.map_err(stream(Some(name)))?;
+        let Some(attr) = extension
+            .key()
+            .ok()
+            .and_then(|key| key.strip_prefix("SCHILY.xattr."))
+        else {
+            continue;
+        };
+        let value = extension.value_bytes();
+        if attr.len() > XATTR_NAME_MAX || value.len() > XATTR_SIZE_MAX || attr.contains('\0') {
+            return Err(LayerError::Refused {
+                entry: name.to_owned(),
+                reason:
+                    "an extended attribute is over Linux's limits (255-byte name, 64 KiB value)",
+            });
+        }
+        if wanted_xattr(attr) {
+            out.push((attr.to_owned(), value.to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+fn set_xattrs(file: &File, xattrs: &Xattrs, name: &str, abs: &Path) -> Result<(), LayerError> {
+    use xattr::FileExt;
+    for (attr, value) in xattrs {
+        file.set_xattr(attr, value)
+            .map_err(io_err(name, "setting extended attribute", abs))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -96,6 +96,16 @@ impl Layer {
         self
     }
 
+    /// A PAX extended header with records for the next entry.
+    fn pax(mut self, records: &[(&str, &str)]) -> Self {
+        let body: String = records.iter().map(|(k, v)| pax_record(k, v)).collect();
+        let mut header = header(EntryType::XHeader, 0o644, body.len() as u64);
+        self.0
+            .append_data(&mut header, "PaxHeaders/next", body.as_bytes())
+            .unwrap();
+        self
+    }
+
     fn finish(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
@@ -705,4 +715,55 @@ fn errors_name_the_entry_and_the_problem() {
         message.contains("\"p\"") && message.contains("absolute"),
         "{message}"
     );
+}
+
+#[test]
+fn extended_attributes_are_set_after_owner_and_mode() {
+    let sandbox = Sandbox::new();
+    let layer = Layer::new()
+        .pax(&[
+            ("SCHILY.xattr.user.origin", "layer-1"),
+            (
+                "SCHILY.xattr.security.selinux",
+                "system_u:object_r:bin_t:s0",
+            ),
+        ])
+        .file("tool", 0o755, b"#!/bin/sh\n")
+        .pax(&[("SCHILY.xattr.user.dir", "yes")])
+        .dir("data", 0o750)
+        .finish();
+    sandbox.apply(&layer).unwrap();
+    let tool = sandbox.path("tool");
+    assert_eq!(
+        xattr::get(&tool, "user.origin").unwrap(),
+        Some(b"layer-1".to_vec())
+    );
+    // The build host's policy labels stay behind.
+    let names: Vec<_> = xattr::list(&tool).unwrap().collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("security.selinux")),
+        "{names:?}"
+    );
+    assert_eq!(
+        xattr::get(sandbox.path("data"), "user.dir").unwrap(),
+        Some(b"yes".to_vec())
+    );
+    assert_eq!(
+        fs::metadata(sandbox.path("data")).unwrap().mode() & 0o7777,
+        0o750
+    );
+}
+
+#[test]
+fn an_oversized_extended_attribute_is_refused() {
+    let sandbox = Sandbox::new();
+    let huge = "x".repeat(70 * 1024);
+    let layer = Layer::new()
+        .pax(&[("SCHILY.xattr.user.big", huge.as_str())])
+        .file("f", 0o644, b"x")
+        .finish();
+    let err = sandbox.apply(&layer).unwrap_err().to_string();
+    assert!(err.contains("over Linux's limits"), "{err}");
 }
