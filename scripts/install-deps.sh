@@ -23,12 +23,13 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need_apt=1
 # The registry tests: a real registry and a tool to push into it.
 command -v docker-registry >/dev/null 2>&1 || need_apt=1
 command -v skopeo >/dev/null 2>&1 || need_apt=1
+command -v mksquashfs >/dev/null 2>&1 || need_apt=1
 
 if [ "$need_apt" -eq 1 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-system-data qemu-utils e2fsprogs busybox-static ca-certificates \
-    docker-registry skopeo >/dev/null
+    docker-registry skopeo squashfs-tools >/dev/null
 fi
 
 # The kernel package goes to Hangar's package cache, not apt's: Debian

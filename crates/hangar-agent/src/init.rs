@@ -18,11 +18,39 @@ const SYSROOT: &str = "/sysroot";
 /// How long to wait for the root disk to appear.
 const ROOT_DEVICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Makes the ext4 file system on `device` the root: mounts it, moves the
+/// Where a read-only root is mounted under its writable overlay, and the
+/// tmpfs that holds the overlay's writes.
+const LOWER: &str = "/hangar/lower";
+const WRITES: &str = "/hangar/writes";
+
+/// The root file system to switch into.
+pub struct RootSpec<'a> {
+    pub device: &'a str,
+    /// "ext4" or "squashfs".
+    pub fstype: &'a str,
+    /// Mounted read-only with a tmpfs overlay on top: commands can write,
+    /// the writes live in RAM until the VM stops, the disk never changes.
+    pub read_only: bool,
+}
+
+impl<'a> RootSpec<'a> {
+    pub fn from_cmdline(cmdline: &'a KernelCmdline) -> Option<Self> {
+        let device = cmdline.value("hangar.root")?;
+        let fstype = cmdline.value("hangar.rootfstype").unwrap_or("ext4");
+        Some(Self {
+            device,
+            fstype,
+            read_only: cmdline.flag("hangar.rootro") || fstype == "squashfs",
+        })
+    }
+}
+
+/// Makes the file system on `root.device` the root: mounts it, moves the
 /// kernel file systems into it, and moves it over `/` (what switch_root
 /// does, without deleting the initramfs). The agent keeps running as PID
 /// 1; every command from here on sees the image.
-pub fn switch_root(device: &str) -> io::Result<()> {
+pub fn switch_root(root: &RootSpec) -> io::Result<()> {
+    let device = root.device;
     let deadline = std::time::Instant::now() + ROOT_DEVICE_TIMEOUT;
     while !std::path::Path::new(device).exists() {
         if std::time::Instant::now() >= deadline {
@@ -34,7 +62,19 @@ pub fn switch_root(device: &str) -> io::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     std::fs::create_dir_all(SYSROOT)?;
-    sys::mount_from(device, SYSROOT, "ext4", 0)?;
+    if root.read_only {
+        std::fs::create_dir_all(LOWER)?;
+        sys::mount_from(device, LOWER, root.fstype, libc::MS_RDONLY, "")?;
+        std::fs::create_dir_all(WRITES)?;
+        sys::mount_from("tmpfs", WRITES, "tmpfs", 0, "mode=0755")?;
+        for dir in ["upper", "work"] {
+            std::fs::create_dir_all(format!("{WRITES}/{dir}"))?;
+        }
+        let options = format!("lowerdir={LOWER},upperdir={WRITES}/upper,workdir={WRITES}/work");
+        sys::mount_from("overlay", SYSROOT, "overlay", 0, &options)?;
+    } else {
+        sys::mount_from(device, SYSROOT, root.fstype, 0, "")?;
+    }
     for dir in ["/dev", "/proc", "/sys", "/run"] {
         let inside = format!("{SYSROOT}{dir}");
         std::fs::create_dir_all(&inside)?;
@@ -74,6 +114,20 @@ pub fn load_modules(list_path: &str) {
     let Ok(list) = std::fs::read_to_string(list_path) else {
         return;
     };
+    // The modules are built for the default kernel; a bundle's own kernel
+    // cannot load them and must have its drivers built in.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let ours = format!("/lib/modules/{}/", release.trim());
+    if list
+        .lines()
+        .any(|line| !line.trim().is_empty() && !line.starts_with(&ours))
+    {
+        crate::log(&format!(
+            "{list_path}: modules are for another kernel than {}; relying on built-in drivers",
+            release.trim()
+        ));
+        return;
+    }
     for path in list.lines().map(str::trim).filter(|line| !line.is_empty()) {
         // A missing optional driver must not stop the boot; the host notices
         // a missing agent port and reports the console, which has this line.

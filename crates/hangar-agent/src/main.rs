@@ -55,9 +55,9 @@ fn main() {
         // image's root may not have.
         let net_mode = cmdline.value("hangar.net");
         net::configure(net_mode);
-        if let Some(device) = cmdline.value("hangar.root") {
+        if let Some(root) = init::RootSpec::from_cmdline(&cmdline) {
             init::load_modules(init::ROOTFS_MODULES);
-            if let Err(err) = init::switch_root(device) {
+            if let Err(err) = init::switch_root(&root) {
                 log(&format!(
                     "cannot switch to the image's root file system: {err}"
                 ));

@@ -36,39 +36,45 @@ pub fn mount(fstype: &str, target: &str, options: &str) -> io::Result<()> {
     ))
 }
 
-/// Mounts `source` (a device) at `target` with `fstype`.
+/// Mounts `source` (a device, or a name for virtual file systems) at
+/// `target` with `fstype`, `flags` and file-system options `data`.
 pub fn mount_from(
     source: &str,
     target: &str,
     fstype: &str,
     flags: libc::c_ulong,
+    data: &str,
 ) -> io::Result<()> {
-    mount_raw(source, target, Some(fstype), flags)
+    mount_raw(source, target, Some(fstype), flags, Some(data))
 }
 
 /// Moves the mount at `from` (with everything mounted below it) to `to`.
 pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
-    mount_raw(from, to, None, libc::MS_MOVE)
+    mount_raw(from, to, None, libc::MS_MOVE, None)
 }
 
-/// mount(2) without data; `fstype` None for flags that take none (MS_MOVE).
+/// mount(2); `fstype` and `data` None for flags that take none (MS_MOVE).
 fn mount_raw(
     source: &str,
     target: &str,
     fstype: Option<&str>,
     flags: libc::c_ulong,
+    data: Option<&str>,
 ) -> io::Result<()> {
     let source_c = CString::new(source)?;
     let target_c = CString::new(target)?;
     let fstype_c = fstype.map(CString::new).transpose()?;
-    // SAFETY: valid NUL-terminated strings (or null for no type); no data.
+    let data_c = data.map(CString::new).transpose()?;
+    // SAFETY: valid NUL-terminated strings, or null where none is given.
     let rc = unsafe {
         libc::mount(
             source_c.as_ptr(),
             target_c.as_ptr(),
             fstype_c.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
             flags,
-            std::ptr::null(),
+            data_c
+                .as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
         )
     };
     if rc == 0 {

@@ -303,12 +303,24 @@ pub enum ImageCommand {
         #[arg(long, short = 't')]
         tag: Option<String>,
     },
-    /// List stored images.
+    /// Add a base-image bundle (a kernel and a root file system) from a
+    /// bundle manifest; run it with `--image bundle:ID`.
+    Add {
+        /// The manifest: a JSON file or an http(s) URL (schemaVersion 1).
+        #[arg(long, value_name = "FILE|URL")]
+        manifest: String,
+        /// Keep at most this many bundles, evicting the least recently
+        /// used (never one a VM uses). Default: $HANGAR_MAX_BUNDLES, else 2.
+        #[arg(long, value_name = "N")]
+        max_bundles: Option<usize>,
+    },
+    /// List stored images and bundles.
     #[command(alias = "list")]
     Ls,
-    /// Show an image's record as JSON.
+    /// Show an image's (or a `bundle:ID`'s) record as JSON.
     Inspect { reference: String },
-    /// Remove an image name (the image goes with its last name).
+    /// Remove an image name (the image goes with its last name), or a
+    /// bundle (`bundle:ID`).
     Rm { reference: String },
     /// Remove blobs no stored image uses, and leftovers of interrupted
     /// imports and pulls.

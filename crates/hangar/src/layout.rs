@@ -7,12 +7,14 @@
 //!   vms/<id>/                   a VM's work dir: qmp.sock, agent*.sock,
 //!                               console.sock, console.log, qemu.pid,
 //!                               qemu.log, root.qcow2 (its overlay of an
-//!                               OCI image's root file system)
+//!                               OCI image's or a bundle's root file system)
 //!   images-v1/default/<key>/    the embedded default image: vmlinux,
 //!                               initramfs.cpio, image.json (key = its inputs)
 //!   images-v1/oci/<hex>/        an OCI image by manifest digest: image.json,
 //!                               rootfs.ext4 (see image::catalog)
 //!   images-v1/oci/refs/<name>   which manifest digest a name points to
+//!   images-v1/bundles/<id>/     a base-image bundle: bundle.json, kernel,
+//!                               rootfs (see image::bundle_store)
 //!   images-v1/tmp/              half-built images and imports (removed by gc)
 //!   blobs-v1/sha256/<hex>       content-addressed blobs, each verified
 //!                               against its digest and size (image::blobs)

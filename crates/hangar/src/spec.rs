@@ -81,6 +81,9 @@ pub enum ImageSource {
     Disk { path: PathBuf },
     /// An OCI image reference such as `docker.io/library/alpine:3.20`.
     Oci { reference: String },
+    /// A base-image bundle (kernel + root file system) in the bundle cache,
+    /// written `bundle:ID`.
+    Bundle { id: String },
 }
 
 /// How the VM is networked.
@@ -294,6 +297,9 @@ mod tests {
             },
             ImageSource::Oci {
                 reference: "alpine:3.20".into(),
+            },
+            ImageSource::Bundle {
+                id: "fc-ubuntu".into(),
             },
         ] {
             let mut spec = VmSpec::new("x");

@@ -1,4 +1,4 @@
-//! `image import|ls|inspect|rm`.
+//! `image import|add|ls|inspect|rm|gc`, and `pull`.
 
 use super::open;
 use crate::cli::{Global, ImageCommand, PullArgs};
@@ -24,15 +24,61 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                 }
             }
         }
+        ImageCommand::Add {
+            manifest,
+            max_bundles,
+        } => {
+            let bar = PullBar::new(&manifest, global.json);
+            let added = manager.add_bundle(&manifest, max_bundles, &mut |event| bar.on(event));
+            bar.finish();
+            let report = added?;
+            for evicted in &report.evicted {
+                eprintln!(
+                    "hangar: bundle cache full: evicted bundle {evicted} (least recently used)"
+                );
+            }
+            if let Some(warning) = &report.over_limit {
+                eprintln!("hangar: warning: {warning}");
+            }
+            if global.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "{}{} kernel sha256:{} rootfs sha256:{}",
+                    hangar::manager::BUNDLE_PREFIX,
+                    report.bundle.bundle_id,
+                    report.bundle.kernel.sha256,
+                    report.bundle.rootfs.sha256
+                );
+            }
+        }
         ImageCommand::Ls => {
             let images = manager.images()?;
+            let bundles = manager.bundles()?;
             if global.json {
-                let list: Vec<_> = images
+                let mut list: Vec<_> = images
                     .iter()
                     .map(|(names, record)| serde_json::json!({"names": names, "image": record}))
                     .collect();
+                list.extend(bundles.iter().map(|bundle| {
+                    serde_json::json!({
+                        "names": [format!("{}{}", hangar::manager::BUNDLE_PREFIX, bundle.bundle_id)],
+                        "bundle": bundle,
+                    })
+                }));
                 return print_json(&list).map(|()| 0);
             }
+            let bundle_rows = bundles.iter().map(|bundle| {
+                vec![
+                    format!("{}{}", hangar::manager::BUNDLE_PREFIX, bundle.bundle_id),
+                    short_digest(&bundle.rootfs.sha256),
+                    format!(
+                        "{:.1} MB",
+                        (bundle.kernel.size + bundle.rootfs.size) as f64 / 1e6
+                    ),
+                    bundle.added_at.format("%Y-%m-%d %H:%M").to_string(),
+                ]
+            });
             let rows = images
                 .iter()
                 .map(|(names, record)| {
@@ -47,10 +93,16 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                         record.imported_at.format("%Y-%m-%d %H:%M").to_string(),
                     ]
                 })
+                .chain(bundle_rows)
                 .collect();
             print_rows(&["NAME", "DIGEST", "SIZE", "IMPORTED"], rows)?;
         }
-        ImageCommand::Inspect { reference } => print_json(&manager.image(&reference)?)?,
+        ImageCommand::Inspect { reference } => {
+            match reference.strip_prefix(hangar::manager::BUNDLE_PREFIX) {
+                Some(id) => print_json(&manager.bundle(id)?)?,
+                None => print_json(&manager.image(&reference)?)?,
+            }
+        }
         ImageCommand::Gc => {
             let report = manager.gc_images()?;
             if global.json {

@@ -16,8 +16,14 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let (request, io) = exec_request(args.command)?;
     let mut manager = open(global)?;
     // A missing image is the user's first problem, before any probe talk.
-    if let hangar::spec::ImageSource::Oci { reference } = &spec.image {
-        manager.image(reference)?;
+    match &spec.image {
+        hangar::spec::ImageSource::Oci { reference } => {
+            manager.image(reference)?;
+        }
+        hangar::spec::ImageSource::Bundle { id } => {
+            manager.bundle(id)?;
+        }
+        _ => {}
     }
     super::note_accelerator(&mut manager, global)?;
     let raw = raw_mode_for(&request, &io)?;

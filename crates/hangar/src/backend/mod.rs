@@ -20,13 +20,21 @@ use crate::spec::VmSpec;
 pub struct LaunchPlan {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
-    /// A read-only base root file system (an OCI image's ext4); the VM
-    /// writes to its own copy-on-write overlay of it.
-    pub root_disk: Option<PathBuf>,
+    /// The root file system (an OCI image's ext4, a bundle's rootfs).
+    pub root_disk: Option<RootDisk>,
     pub cmdline: String,
     pub cpus: u32,
     pub memory: ByteSize,
     pub accel: Accel,
+}
+
+/// A base root file system image, shared by every VM that boots it and
+/// never written: a writable VM writes to its own copy-on-write overlay,
+/// a read-only one gets the base itself, attached read-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootDisk {
+    pub base: PathBuf,
+    pub read_only: bool,
 }
 
 /// A VMM that was started.

@@ -43,8 +43,10 @@ const GUEST_MODULES: &[&str] = &[
 /// vsock device (`hangar.vsock=1`), so other boots do not pay for them.
 const VSOCK_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
 
-/// Modules for an OCI image's ext4 root file system (`hangar.root=`).
-const ROOTFS_MODULES: &[&str] = &["ext4"];
+/// Modules for an image's root file system (`hangar.root=`): ext4 (OCI
+/// images, bundles), squashfs and the overlay that makes a read-only
+/// bundle root writable in RAM.
+const ROOTFS_MODULES: &[&str] = &["ext4", "squashfs", "overlay"];
 
 /// Kernel arguments every boot of the default image takes (VMs, the
 /// accelerator probe, the raw-QEMU baseline). `quiet` because printing to
@@ -61,7 +63,7 @@ const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/ar
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes, so old cached images are not used.
-const IMAGE_FORMAT: u32 = 3;
+const IMAGE_FORMAT: u32 = 4;
 
 /// Why the default image could not be built.
 #[derive(Debug, thiserror::Error)]

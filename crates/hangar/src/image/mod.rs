@@ -1,12 +1,15 @@
-//! Images: what a VM boots from. Today the embedded default image (Debian
-//! cloud kernel + Hangar's own initramfs); OCI and cloud disk images come
-//! through the same module later.
+//! Images: what a VM boots from: the embedded default image (Debian cloud
+//! kernel + Hangar's own initramfs), OCI images, and base-image bundles
+//! (a kernel and a root file system from a manifest).
 
 pub mod agent;
 pub mod blobs;
+pub mod bundle;
+pub mod bundle_store;
 pub mod catalog;
 pub mod cpio;
 pub mod default_image;
+pub mod fetch;
 pub mod import;
 pub mod kernel;
 pub mod layer;

@@ -80,6 +80,8 @@ pub enum ManagerError {
     Pull(#[from] crate::image::pull::PullError),
     #[error(transparent)]
     Rootfs(#[from] crate::image::rootfs::RootfsError),
+    #[error(transparent)]
+    Bundle(#[from] crate::image::bundle_store::BundleError),
     #[error("{0}")]
     Config(String),
     #[error("interrupted")]

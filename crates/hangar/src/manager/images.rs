@@ -7,6 +7,7 @@ use hangar_proto::ExecRequest;
 
 use super::{Manager, ManagerError};
 use crate::image::blobs::BlobStore;
+use crate::image::bundle_store::BundleLock;
 use crate::image::catalog::{Catalog, ImageRecord};
 use crate::image::import::{import, Imported};
 use crate::image::pull::{pull, PullEvent, PullOptions};
@@ -65,8 +66,12 @@ impl Manager {
         Ok(self.image_catalog().resolve(reference)?)
     }
 
-    /// Removes an image name, refused while a VM was made from the image.
+    /// Removes an image name (or a `bundle:ID`), refused while a VM was
+    /// made from the image.
     pub fn remove_image(&mut self, reference: &str) -> Result<String, ManagerError> {
+        if let Some(id) = reference.strip_prefix(super::BUNDLE_PREFIX) {
+            return Ok(self.remove_bundle(id)?.bundle_id);
+        }
         let record = self.image(reference)?;
         let users: Vec<String> = self
             .store
@@ -85,20 +90,31 @@ impl Manager {
     }
 
     /// Pins an OCI reference to the digest it names now, so a VM keeps
-    /// its image when the name later moves.
-    pub(super) fn pin_image(&self, image: ImageSource) -> Result<ImageSource, ManagerError> {
-        match image {
+    /// its image when the name later moves. A bundle is marked used and
+    /// its cache lock returned, to hold until the VM's record exists.
+    pub(super) fn pin_image(
+        &self,
+        image: ImageSource,
+    ) -> Result<(ImageSource, Option<BundleLock>), ManagerError> {
+        let pinned = match image {
             ImageSource::Oci { reference } => {
                 let record = self.image(&reference)?;
                 let name = crate::image::oci::normalize_reference(&reference)
                     .map_err(crate::image::catalog::CatalogError::from)?;
                 let name = name.split('@').next().unwrap_or(&name).to_owned();
-                Ok(ImageSource::Oci {
+                ImageSource::Oci {
                     reference: format!("{name}@{}", record.manifest_digest),
-                })
+                }
             }
-            other => Ok(other),
-        }
+            ImageSource::Bundle { id } => {
+                let store = self.bundle_store();
+                let lock = store.lock(false)?;
+                store.touch(&id)?;
+                return Ok((ImageSource::Bundle { id }, Some(lock)));
+            }
+            other => other,
+        };
+        Ok((pinned, None))
     }
 
     /// The image's ext4 root file system, built on first use (the image
@@ -112,7 +128,7 @@ impl Manager {
     /// Image work (import, pull, rootfs builds) holds this shared; `image
     /// gc` holds it alone, so it never deletes a blob an import has stored
     /// but not yet named.
-    fn image_work_lock(
+    pub(super) fn image_work_lock(
         &self,
         exclusive: bool,
     ) -> Result<nix::fcntl::Flock<std::fs::File>, ManagerError> {
@@ -149,14 +165,17 @@ impl Manager {
         }
         // Nothing is in flight (we hold the lock alone): every scratch
         // entry is a leftover.
+        let bundle_scratch = self.bundle_store().scratch_dir();
         let scratch_dirs = [
             self.layout.root().join("blobs-v1").join("tmp"),
             self.layout.images_dir().join("tmp"),
+            bundle_scratch.clone(),
         ];
         for dir in scratch_dirs {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let ours = dir.ends_with("blobs-v1/tmp")
+                    || dir == bundle_scratch
                     || ["import-", "rootfs-", "pull-", "blob-"]
                         .iter()
                         .any(|prefix| name.starts_with(prefix));

@@ -306,12 +306,26 @@ impl Manager {
                 accel: Accel::Tcg,
             });
         }
+        let mut bundle_args = None;
         let (image, root_disk) = match &record.spec.image {
             ImageSource::Default => (self.default_image()?, None),
             // The default kernel and agent initramfs, switching root into
             // the image's file system.
             ImageSource::Oci { reference } => {
-                (self.default_image()?, Some(self.image_rootfs(reference)?))
+                let root = crate::backend::RootDisk {
+                    base: self.image_rootfs(reference)?,
+                    read_only: false,
+                };
+                (self.default_image()?, Some(root))
+            }
+            // The bundle's kernel with the agent initramfs, switching root
+            // into the bundle's file system.
+            ImageSource::Bundle { id } => {
+                let boot = self.bundle_boot(id)?;
+                let mut image = self.default_image()?;
+                image.kernel = boot.kernel;
+                bundle_args = Some(boot.cmdline_extra);
+                (image, Some(boot.root_disk))
             }
             other => {
                 return Err(ManagerError::UnknownImage {
@@ -329,8 +343,13 @@ impl Manager {
             // The agent loads the vsock modules and listens on vsock too.
             cmdline.push_str(" hangar.vsock=1");
         }
-        if root_disk.is_some() {
-            cmdline.push_str(" hangar.root=/dev/vda");
+        match bundle_args {
+            Some(args) => {
+                cmdline.push(' ');
+                cmdline.push_str(&args);
+            }
+            None if root_disk.is_some() => cmdline.push_str(" hangar.root=/dev/vda"),
+            None => {}
         }
         if matches!(record.spec.network, crate::spec::NetworkSpec::User { .. }) {
             // The agent gives eth0 user-mode networking's fixed address.

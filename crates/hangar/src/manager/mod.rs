@@ -1,6 +1,7 @@
 //! [`Manager`]: the library's front door. The CLI and the daemon parse,
 //! call one method, and print.
 
+mod bundles;
 mod control;
 mod copy;
 mod error;
@@ -104,7 +105,10 @@ impl Manager {
     ) -> Result<VmRecord, ManagerError> {
         spec.validate()?;
         let mut spec = spec;
-        spec.image = self.pin_image(spec.image)?;
+        // Held until the record is in: the bundle cache cannot evict the
+        // VM's bundle in between.
+        let (image, _bundle_in_use) = self.pin_image(spec.image)?;
+        spec.image = image;
         let name = spec.name.clone();
         self.backend(backend)?
             .check(&spec)
@@ -288,10 +292,21 @@ impl Manager {
     }
 }
 
+/// How `--image` names a base-image bundle: `bundle:ID` (like skopeo's
+/// transport prefixes; a bare name is an OCI reference).
+pub const BUNDLE_PREFIX: &str = "bundle:";
+
 /// Parses what a user writes after `--image`.
 pub fn parse_image(reference: &str) -> Result<ImageSource, ManagerError> {
     match reference {
         "" | "default" => Ok(ImageSource::Default),
+        other if other.starts_with(BUNDLE_PREFIX) => {
+            let id = &other[BUNDLE_PREFIX.len()..];
+            crate::image::bundle::validate_bundle_id(id).map_err(|problem| {
+                ManagerError::Config(format!("--image {other}: the bundle id {problem}"))
+            })?;
+            Ok(ImageSource::Bundle { id: id.to_owned() })
+        }
         other => {
             crate::image::oci::normalize_reference(other)
                 .map_err(crate::image::catalog::CatalogError::from)?;

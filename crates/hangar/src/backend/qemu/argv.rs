@@ -30,8 +30,17 @@ pub struct QemuArgs {
     pub vsock_cid: Option<u32>,
     /// User-mode networking, when the VM has a network.
     pub user_net: Option<UserNet>,
-    /// The VM's root disk (a qcow2 overlay), when it boots an image.
-    pub root_disk: Option<PathBuf>,
+    /// The VM's root disk, when it boots an image.
+    pub root_disk: Option<Disk>,
+}
+
+/// A virtio disk.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// "qcow2" or "raw".
+    pub format: &'static str,
+    pub read_only: bool,
 }
 
 /// A virtio NIC on QEMU's user-mode network, with TCP forwards from
@@ -98,9 +107,15 @@ impl QemuArgs {
         push(&["-device", "virtio-rng-pci,rng=rng0"]);
         // A guest reboot or panic ends the VMM instead of looping.
         if let Some(disk) = &self.root_disk {
+            let mode = if disk.read_only {
+                "readonly=on"
+            } else {
+                "discard=unmap"
+            };
             let drive = format!(
-                "file={},format=qcow2,if=none,id=root,discard=unmap",
-                escape(disk)
+                "file={},format={},if=none,id=root,{mode}",
+                escape(&disk.path),
+                disk.format
             );
             push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
         }
@@ -214,6 +229,24 @@ mod tests {
         let i = argv.iter().position(|a| a == "-append").unwrap();
         assert_eq!(argv[i + 1], "console=ttyS0 quiet");
         assert!(!joined.contains("-cpu host"));
+    }
+
+    #[test]
+    fn a_read_only_root_is_attached_read_only() {
+        let mut with = args();
+        with.root_disk = Some(Disk {
+            path: "/b/root,fs".into(),
+            format: "raw",
+            read_only: true,
+        });
+        let argv: Vec<String> = with
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(
+            argv.contains(&"file=/b/root,,fs,format=raw,if=none,id=root,readonly=on".to_owned())
+        );
     }
 
     #[test]

@@ -134,10 +134,13 @@ impl Backend for QemuBackend {
             what: what.into(),
             why: why.into(),
         };
-        if !matches!(spec.image, ImageSource::Default | ImageSource::Oci { .. }) {
+        if !matches!(
+            spec.image,
+            ImageSource::Default | ImageSource::Oci { .. } | ImageSource::Bundle { .. }
+        ) {
             return Err(unsupported(
                 "boot this image source",
-                "this version boots the embedded default image and OCI images",
+                "this version boots the embedded default image, OCI images and base-image bundles",
             ));
         }
         if matches!(spec.network, NetworkSpec::Tap { .. }) {
@@ -227,7 +230,16 @@ impl Backend for QemuBackend {
             vsock_cid,
             user_net: None,
             root_disk: match &plan.root_disk {
-                Some(base) => Some(root_overlay(base, &vm.work_dir)?),
+                Some(disk) if disk.read_only => Some(argv::Disk {
+                    path: disk.base.clone(),
+                    format: "raw",
+                    read_only: true,
+                }),
+                Some(disk) => Some(argv::Disk {
+                    path: root_overlay(&disk.base, &vm.work_dir)?,
+                    format: "qcow2",
+                    read_only: false,
+                }),
                 None => None,
             },
         };
