@@ -127,6 +127,35 @@ pub struct ResourceArgs {
     /// (QEMU needs /dev/vhost-vsock on the host).
     #[arg(long)]
     pub vsock: bool,
+    #[command(flatten)]
+    pub cloud_init: CloudInitArgs,
+}
+
+/// A cloud-init NoCloud seed, attached on the first boot only. Any of
+/// these flags makes one.
+#[derive(Debug, Args, Default)]
+pub struct CloudInitArgs {
+    /// Your own user-data file (#cloud-config, a script, ...).
+    #[arg(long = "cloud-init", value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// Authorize the OpenSSH public keys in FILE (a .pub file; repeatable).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+    /// The user cloud-init creates (default "hangar"; sudo without password).
+    #[arg(long, value_name = "NAME")]
+    pub cloud_user: Option<String>,
+    /// The guest's host name (default: the VM name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// A static address instead of DHCP, ADDRESS/PREFIX (network-config v2).
+    #[arg(long, value_name = "ADDRESS/PREFIX")]
+    pub ip: Option<String>,
+    /// Default gateway for --ip.
+    #[arg(long, value_name = "IP", requires = "ip")]
+    pub gateway: Option<String>,
+    /// DNS server for --ip (repeatable).
+    #[arg(long, value_name = "IP", requires = "ip")]
+    pub dns: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +217,10 @@ pub struct CreateArgs {
     /// Backend: qemu or noop.
     #[arg(long, default_value = "qemu")]
     pub backend: String,
+    /// Read a password for the cloud-init user from stdin: used for the
+    /// seed only, never stored in the record or logs.
+    #[arg(long)]
+    pub password_stdin: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bench_image;
+pub mod cloudinit;
 pub mod console;
 pub mod fsutil;
 pub mod guest;

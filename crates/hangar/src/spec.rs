@@ -111,14 +111,43 @@ pub struct PortForward {
     pub guest: u16,
 }
 
-/// A NoCloud seed for cloud-init images.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A NoCloud seed for cloud-init images, attached on the first boot only.
+/// A password is never part of it: it is given to create and used for
+/// the seed alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudInitSpec {
-    /// Raw cloud-config (or any user-data cloud-init accepts).
-    pub user_data: String,
+    /// The user's own user-data (cloud-config, a script, ...). Without it
+    /// Hangar writes a cloud-config that creates `user` with the keys.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Default: the VM id.
+    #[serde(default)]
     pub instance_id: Option<String>,
+    /// Default: the VM name.
+    #[serde(default)]
     pub hostname: Option<String>,
+    /// The user to create (default "hangar"); not with `user_data`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// OpenSSH public key lines to authorize.
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+    /// A static address instead of DHCP (network-config v2).
+    #[serde(default)]
+    pub network: Option<StaticNetwork>,
+}
+
+/// A static IPv4/IPv6 address for the guest's first NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticNetwork {
+    /// ADDRESS/PREFIX, e.g. 10.0.2.15/24.
+    pub address: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
 }
 
 /// How to reach the guest over SSH when it has no agent.

@@ -26,7 +26,16 @@ pub fn create(global: &Global, args: CreateArgs) -> anyhow::Result<u8> {
         (None, Some(name)) => spec_from(name, &args.resources)?,
         (None, None) => anyhow::bail!("give --name or a spec file with -f"),
     };
-    let record = open(global)?.create(spec, backend)?;
+    let password = if args.password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("--password-stdin")?;
+        Some(line.trim_end_matches(['\n', '\r']).to_owned())
+    } else {
+        None
+    };
+    let record = open(global)?.create_with_password(spec, backend, password.as_deref())?;
     if global.json {
         print_json(&record)?;
     } else {

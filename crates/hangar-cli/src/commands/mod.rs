@@ -84,6 +84,7 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     spec.kernel_args = resources.kernel_args.clone();
     spec.vsock = resources.vsock;
     spec.network = network_from(resources)?;
+    spec.cloud_init = cloud_init_from(&resources.cloud_init)?;
     for label in &resources.labels {
         let (key, value) = label
             .split_once('=')
@@ -92,6 +93,51 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     }
     spec.validate()?;
     Ok(spec)
+}
+
+/// The cloud-init flags as a seed spec (None when none is given). Files
+/// are read here; the library validates every value.
+fn cloud_init_from(
+    args: &crate::cli::CloudInitArgs,
+) -> anyhow::Result<Option<hangar::spec::CloudInitSpec>> {
+    let given = args.user_data.is_some()
+        || !args.ssh_keys.is_empty()
+        || args.cloud_user.is_some()
+        || args.hostname.is_some()
+        || args.ip.is_some();
+    if !given {
+        return Ok(None);
+    }
+    let user_data = match &args.user_data {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--cloud-init {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut keys = Vec::new();
+    for path in &args.ssh_keys {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--ssh-key {}", path.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    Ok(Some(hangar::spec::CloudInitSpec {
+        user_data,
+        instance_id: None,
+        hostname: args.hostname.clone(),
+        user: args.cloud_user.clone(),
+        ssh_authorized_keys: keys,
+        network: args.ip.as_ref().map(|address| hangar::spec::StaticNetwork {
+            address: address.clone(),
+            gateway: args.gateway.clone(),
+            dns: args.dns.clone(),
+        }),
+    }))
 }
 
 /// `--network` and `-p` as a network spec.

@@ -22,6 +22,8 @@ pub struct LaunchPlan {
     pub initramfs: Option<PathBuf>,
     /// The root file system (an OCI image's ext4, a bundle's rootfs).
     pub root_disk: Option<RootDisk>,
+    /// A cloud-init NoCloud seed (ISO 9660), attached read-only.
+    pub seed: Option<PathBuf>,
     pub cmdline: String,
     pub cpus: u32,
     pub memory: ByteSize,

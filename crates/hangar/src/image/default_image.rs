@@ -48,6 +48,11 @@ const VSOCK_MODULES: &[&str] = &["vmw_vsock_virtio_transport"];
 /// bundle root writable in RAM.
 const ROOTFS_MODULES: &[&str] = &["ext4", "squashfs", "overlay"];
 
+/// Modules carried but never loaded by the agent, for commands that want
+/// them (`insmod $(cat /hangar/modules-optional)`): isofs reads a
+/// cloud-init seed.
+const OPTIONAL_MODULES: &[&str] = &["isofs"];
+
 /// Kernel arguments every boot of the default image takes (VMs, the
 /// accelerator probe, the raw-QEMU baseline). `quiet` because printing to
 /// an emulated UART is slow under TCG (errors still print); crypto
@@ -63,7 +68,7 @@ const PACKAGE_DIRS: &[&str] = &["/var/cache/hangar/packages", "/var/cache/apt/ar
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes, so old cached images are not used.
-const IMAGE_FORMAT: u32 = 4;
+const IMAGE_FORMAT: u32 = 5;
 
 /// Why the default image could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -360,6 +365,7 @@ fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
     };
     let vsock = only_extra(VSOCK_MODULES)?;
     let rootfs = only_extra(ROOTFS_MODULES)?;
+    let optional = only_extra(OPTIONAL_MODULES)?;
     write_initramfs(
         &dir.join("initramfs.cpio"),
         &modules_dir,
@@ -368,6 +374,7 @@ fn build_into(dir: &Path, deb: &Path) -> Result<String, DefaultImageError> {
             ("hangar/modules", &boot),
             ("hangar/modules-vsock", &vsock),
             ("hangar/modules-rootfs", &rootfs),
+            ("hangar/modules-optional", &optional),
         ],
     )?;
     Ok(release)

@@ -82,6 +82,8 @@ pub enum ManagerError {
     Rootfs(#[from] crate::image::rootfs::RootfsError),
     #[error(transparent)]
     Bundle(#[from] crate::image::bundle_store::BundleError),
+    #[error(transparent)]
+    Seed(#[from] crate::cloudinit::SeedError),
     #[error("{0}")]
     Config(String),
     #[error("interrupted")]

@@ -176,13 +176,19 @@ impl Manager {
         id: &str,
         facts: Option<hangar_proto::GuestFacts>,
     ) -> Result<VmRecord, ManagerError> {
-        self.store.update(id, |r| {
-            transition(r, VmState::Running, "mark it running")?;
-            r.owner = None;
-            r.first_booted = true;
-            r.guest = facts;
-            Ok::<_, ManagerError>(())
-        })
+        self.store
+            .update(id, |r| {
+                transition(r, VmState::Running, "mark it running")?;
+                r.owner = None;
+                r.first_booted = true;
+                r.guest = facts;
+                Ok::<_, ManagerError>(())
+            })
+            .inspect(|record| {
+                // The first boot is up: the seed (which may hold a password)
+                // has done its work and goes. QEMU keeps its open file.
+                let _ = std::fs::remove_file(super::seed_path(&record.work_dir));
+            })
     }
 
     /// Records that the VMM is gone, with why.
@@ -300,6 +306,7 @@ impl Manager {
                 kernel: Default::default(),
                 initramfs: None,
                 root_disk: None,
+                seed: None,
                 cmdline: String::new(),
                 cpus: record.spec.cpus,
                 memory: record.spec.memory,
@@ -359,9 +366,11 @@ impl Manager {
             cmdline.push(' ');
             cmdline.push_str(arg);
         }
+        let seed = super::seed_path(&record.work_dir);
         Ok(LaunchPlan {
             kernel: image.kernel,
             initramfs: Some(image.initramfs),
+            seed: (!record.first_booted && seed.is_file()).then_some(seed),
             root_disk,
             cmdline,
             cpus: record.spec.cpus,

@@ -91,7 +91,19 @@ impl Manager {
     /// Records a new VM (state `created`) after checking the spec and the
     /// host. On any error nothing is left behind.
     pub fn create(&mut self, spec: VmSpec, backend: BackendKind) -> Result<VmRecord, ManagerError> {
-        self.create_record(spec, backend, None)
+        self.create_record(spec, backend, None, None)
+    }
+
+    /// [`Self::create`] with a password for the cloud-init seed: it goes
+    /// into the seed (read on the first boot, then deleted) and nowhere
+    /// else, never the record or a log.
+    pub fn create_with_password(
+        &mut self,
+        spec: VmSpec,
+        backend: BackendKind,
+        password: Option<&str>,
+    ) -> Result<VmRecord, ManagerError> {
+        self.create_record(spec, backend, None, password)
     }
 
     /// The record goes in first, then the work dir: a crash in between
@@ -102,8 +114,23 @@ impl Manager {
         spec: VmSpec,
         backend: BackendKind,
         ephemeral_for: Option<ProcessRef>,
+        password: Option<&str>,
     ) -> Result<VmRecord, ManagerError> {
         spec.validate()?;
+        let static_address = spec
+            .cloud_init
+            .as_ref()
+            .is_some_and(|c| c.network.is_some());
+        if static_address && spec.network == crate::spec::NetworkSpec::None {
+            return Err(ManagerError::Config(
+                "cloud-init: a static address needs a network device; add --network user".into(),
+            ));
+        }
+        if password.is_some() && spec.cloud_init.is_none() {
+            return Err(ManagerError::Config(
+                "a password is only used for a cloud-init seed; add --user or another cloud-init option".into(),
+            ));
+        }
         let mut spec = spec;
         // Held until the record is in: the bundle cache cannot evict the
         // VM's bundle in between.
@@ -120,10 +147,33 @@ impl Manager {
         if record.spec.network != crate::spec::NetworkSpec::None {
             record.mac = crate::net::mac_for(&record.id);
         }
+        // Built (and so validated) before anything is recorded.
+        let seed = match &record.spec.cloud_init {
+            Some(cloud_init) => Some(crate::cloudinit::seed_image(
+                &crate::cloudinit::SeedInput {
+                    spec: cloud_init,
+                    vm_id: &record.id,
+                    vm_name: &record.name,
+                    mac: record.mac.as_deref(),
+                    extra_keys: &[],
+                    password,
+                },
+            )?),
+            None => None,
+        };
         self.store.insert(&record)?;
-        if let Err(err) = create_private_dir(&work_dir) {
+        let made = create_private_dir(&work_dir)
+            .map_err(ManagerError::from)
+            .and_then(|()| {
+                let Some(seed) = &seed else { return Ok(()) };
+                let path = seed_path(&work_dir);
+                crate::fsutil::write_private(&path, seed)
+                    .map_err(|source| ManagerError::Io { path, source })
+            });
+        if let Err(err) = made {
+            let _ = std::fs::remove_dir_all(&work_dir);
             let _ = self.store.delete(&record.id);
-            return Err(err.into());
+            return Err(err);
         }
         Ok(record)
     }
@@ -290,6 +340,12 @@ impl Manager {
         self.accel = Some(choice.clone());
         Ok(choice)
     }
+}
+
+/// The NoCloud seed of a VM not booted yet (0600; it may hold a password,
+/// so it goes once the first boot is up).
+pub(crate) fn seed_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("seed.iso")
 }
 
 /// How `--image` names a base-image bundle: `bundle:ID` (like skopeo's

@@ -32,6 +32,8 @@ pub struct QemuArgs {
     pub user_net: Option<UserNet>,
     /// The VM's root disk, when it boots an image.
     pub root_disk: Option<Disk>,
+    /// A cloud-init seed, after the root disk.
+    pub seed: Option<PathBuf>,
 }
 
 /// A virtio disk.
@@ -119,6 +121,13 @@ impl QemuArgs {
             );
             push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
         }
+        if let Some(seed) = &self.seed {
+            let drive = format!(
+                "file={},format=raw,if=none,id=seed,readonly=on",
+                escape(seed)
+            );
+            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=seed"]);
+        }
         if let Some(net) = &self.user_net {
             let mut netdev = String::from("user,id=net0");
             for forward in &net.forwards {
@@ -161,6 +170,7 @@ mod tests {
             vsock_cid: None,
             user_net: None,
             root_disk: None,
+            seed: None,
         }
     }
 

@@ -149,11 +149,8 @@ impl Backend for QemuBackend {
                 "TAP networking is not implemented yet; use user-mode networking (--network user)",
             ));
         }
-        if spec.cloud_init.is_some() || !spec.shared_dirs.is_empty() {
-            return Err(unsupported(
-                "use cloud-init or shared dirs",
-                "not implemented yet",
-            ));
+        if !spec.shared_dirs.is_empty() {
+            return Err(unsupported("share host directories", "not implemented yet"));
         }
         if spec.vsock && !Path::new(VHOST_VSOCK).exists() {
             return Err(unsupported(
@@ -242,6 +239,7 @@ impl Backend for QemuBackend {
                 }),
                 None => None,
             },
+            seed: plan.seed.clone(),
         };
         let log_path = vm.work_dir.join("qemu.log");
         let mut ports = Vec::new();
