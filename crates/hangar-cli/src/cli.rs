@@ -70,6 +70,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running VM.
     Exec(ExecArgs),
+    /// SSH into a VM booted from a disk image: a shell (through the ssh
+    /// client, with the VM's key and recorded host key), or `-- CMD`.
+    Ssh(SshArgs),
     /// Copy files between the host and a VM: `cp SRC VM:DST` or
     /// `cp VM:SRC DST` (directories, modes and symlinks kept).
     Cp(CpArgs),
@@ -129,6 +132,18 @@ pub struct ResourceArgs {
     pub vsock: bool,
     #[command(flatten)]
     pub cloud_init: CloudInitArgs,
+    /// Root disk size for a disk image, e.g. 10G (its overlay grows to it).
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+    /// Boot a disk image with UEFI (OVMF) instead of BIOS.
+    #[arg(long)]
+    pub uefi: bool,
+    /// Add a new empty disk of SIZE (repeatable).
+    #[arg(long = "data-disk", value_name = "SIZE")]
+    pub data_disks: Vec<String>,
+    /// Attach a host disk file, PATH or PATH:ro (repeatable).
+    #[arg(long = "attach-disk", value_name = "PATH[:ro]")]
+    pub attach_disks: Vec<String>,
 }
 
 /// A cloud-init NoCloud seed, attached on the first boot only. Any of
@@ -310,6 +325,18 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Pass this terminal's stdin to CMD.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// The command; none opens a shell.
+    #[arg(last = true, value_name = "CMD")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct PullArgs {
     /// The image, e.g. registry.example.com/team/app:1 or alpine:3.20.
     pub reference: String,
@@ -336,12 +363,26 @@ pub enum ImageCommand {
         #[arg(long, short = 't')]
         tag: Option<String>,
     },
-    /// Add a base-image bundle (a kernel and a root file system) from a
-    /// bundle manifest; run it with `--image bundle:ID`.
+    /// Add a cloud disk image (qcow2 or raw; run it with `--image
+    /// disk:NAME`), or with --manifest a base-image bundle (a kernel and a
+    /// root file system; run it with `--image bundle:ID`).
     Add {
-        /// The manifest: a JSON file or an http(s) URL (schemaVersion 1).
+        /// The disk image: a file or an http(s) URL.
+        #[arg(
+            value_name = "FILE|URL",
+            required_unless_present = "manifest",
+            conflicts_with = "manifest"
+        )]
+        source: Option<String>,
+        /// Name for the disk image (default: from the file name).
+        #[arg(long, conflicts_with = "manifest")]
+        name: Option<String>,
+        /// The disk image's expected sha256 (checked; recorded either way).
+        #[arg(long, value_name = "HEX", conflicts_with = "manifest")]
+        sha256: Option<String>,
+        /// A bundle manifest: a JSON file or an http(s) URL (schemaVersion 1).
         #[arg(long, value_name = "FILE|URL")]
-        manifest: String,
+        manifest: Option<String>,
         /// Keep at most this many bundles, evicting the least recently
         /// used (never one a VM uses). Default: $HANGAR_MAX_BUNDLES, else 2.
         #[arg(long, value_name = "N")]

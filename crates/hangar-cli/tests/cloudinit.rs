@@ -147,6 +147,14 @@ fn bad_seed_values_create_nothing() {
         ),
         (vec!["--cloud-user", "Root"], "cloud-init user \"Root\""),
         (
+            vec!["--disk", "3G"],
+            "--disk applies to disk images only (--image disk:NAME)",
+        ),
+        (
+            vec!["--image", "disk:not-added"],
+            "disk image not-added is not stored; add it with `hangar image add FILE|URL`",
+        ),
+        (
             vec!["--network", "user", "--ip", "10.0.2.50"],
             "cloud-init address \"10.0.2.50\" needs a prefix length",
         ),

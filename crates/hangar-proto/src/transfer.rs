@@ -79,6 +79,16 @@ pub fn expected_root_name(source: &str) -> PathBuf {
 /// Writes `source` (a file, directory or symlink, not followed) to `out` as
 /// a tar stream whose root entry is named after `source`.
 pub fn pack(source: &Path, out: impl Write) -> Result<CopySummary, TransferError> {
+    let root = root_name(source).map_err(|err| TransferError::Io {
+        path: source.to_path_buf(),
+        source: err,
+    })?;
+    pack_as(source, &root, out)
+}
+
+/// [`pack`] with the root entry named `root` (a copy that gets a new name
+/// at its destination).
+pub fn pack_as(source: &Path, root: &Path, out: impl Write) -> Result<CopySummary, TransferError> {
     let io_err = |source_err| TransferError::Io {
         path: source.to_path_buf(),
         source: source_err,
@@ -92,10 +102,9 @@ pub fn pack(source: &Path, out: impl Write) -> Result<CopySummary, TransferError
         }
         Err(err) => return Err(io_err(err)),
     };
-    let root = root_name(source).map_err(io_err)?;
     let mut builder = tar::Builder::new(out);
     let mut summary = CopySummary::default();
-    pack_entry(&mut builder, source, &root, &meta, &mut summary)?;
+    pack_entry(&mut builder, source, root, &meta, &mut summary)?;
     builder
         .into_inner()
         .and_then(|mut out| out.flush())

@@ -223,6 +223,10 @@ pub struct VmRecord {
     /// (127.0.0.1), with free ports filled in for the spec's 0s.
     #[serde(default)]
     pub ports: Vec<crate::spec::PortForward>,
+    /// The guest's SSH host key (OpenSSH format), recorded on first
+    /// contact and required from then on.
+    #[serde(default)]
+    pub ssh_host_key: Option<String>,
 }
 
 fn schema_one() -> u32 {
@@ -270,6 +274,7 @@ impl VmRecord {
             guest: None,
             mac: None,
             ports: Vec::new(),
+            ssh_host_key: None,
         }
     }
 

@@ -33,9 +33,16 @@ pub struct VmSpec {
     pub cpus: u32,
     #[serde(default = "default_memory")]
     pub memory: ByteSize,
-    /// Size of the VM's writable disk, for disk-backed images.
+    /// Size of the VM's root disk, for disk images: its overlay is made
+    /// this big (at least the image's own size).
     #[serde(default)]
     pub disk_size: Option<ByteSize>,
+    /// Boot disk images with UEFI (OVMF) instead of BIOS.
+    #[serde(default)]
+    pub uefi: bool,
+    /// More disks, after the root disk.
+    #[serde(default)]
+    pub data_disks: Vec<DataDisk>,
     #[serde(default)]
     pub network: NetworkSpec,
     #[serde(default)]
@@ -77,8 +84,9 @@ pub enum ImageSource {
         initramfs: Option<PathBuf>,
         cmdline: Option<String>,
     },
-    /// A cloud disk image (qcow2 or raw), booted with firmware.
-    Disk { path: PathBuf },
+    /// A stored cloud disk image (qcow2 or raw, `disk:NAME`), booted with
+    /// firmware from a per-VM overlay.
+    Disk { name: String },
     /// An OCI image reference such as `docker.io/library/alpine:3.20`.
     Oci { reference: String },
     /// A base-image bundle (kernel + root file system) in the bundle cache,
@@ -159,6 +167,19 @@ pub struct SshSpec {
     pub private_key_path: Option<PathBuf>,
 }
 
+/// An extra disk: a new empty one of `size` (kept in the VM's work dir),
+/// or a host file (raw or qcow2) attached as it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataDisk {
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// A host directory visible in the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +209,12 @@ pub enum SpecError {
     Port { host: u16, guest: u16 },
     #[error("host port {host} is forwarded twice; give each forward its own host port (or 0 for a free one)")]
     PortTwice { host: u16 },
+    #[error("{field} applies to disk images only (--image disk:NAME)")]
+    DiskOnly { field: &'static str },
+    #[error(
+        "data disk {index}: give either a size (a new disk) or a path (a host file), not {what}"
+    )]
+    DataDisk { index: usize, what: &'static str },
 }
 
 /// Checks a VM or namespace name: DNS-label-like, so it can also be a
@@ -212,6 +239,8 @@ impl VmSpec {
             cpus: DEFAULT_CPUS,
             memory: DEFAULT_MEMORY,
             disk_size: None,
+            uefi: false,
+            data_disks: Vec::new(),
             network: NetworkSpec::None,
             cloud_init: None,
             ssh: None,
@@ -255,6 +284,22 @@ impl VmSpec {
             if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(SpecError::KernelArg { arg: arg.clone() });
             }
+        }
+        let is_disk = matches!(self.image, ImageSource::Disk { .. });
+        if !is_disk && self.disk_size.is_some() {
+            return Err(SpecError::DiskOnly { field: "--disk" });
+        }
+        if !is_disk && self.uefi {
+            return Err(SpecError::DiskOnly { field: "--uefi" });
+        }
+        for (index, disk) in self.data_disks.iter().enumerate() {
+            let what = match (&disk.size, &disk.path) {
+                (Some(_), Some(_)) => "both",
+                (None, None) => "neither",
+                (Some(size), None) if size.0 < MIB => "a size under 1M",
+                _ => continue,
+            };
+            return Err(SpecError::DataDisk { index, what });
         }
         if let NetworkSpec::User { forwards } = &self.network {
             if let Some(bad) = forwards.iter().find(|f| f.guest == 0) {
@@ -322,7 +367,7 @@ mod tests {
                 cmdline: None,
             },
             ImageSource::Disk {
-                path: "/d.qcow2".into(),
+                name: "debian-12".into(),
             },
             ImageSource::Oci {
                 reference: "alpine:3.20".into(),

@@ -25,8 +25,34 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             }
         }
         ImageCommand::Add {
-            manifest,
+            source: Some(source),
+            name,
+            sha256,
+            ..
+        } => {
+            let bar = PullBar::new(&source, global.json);
+            let added =
+                manager.add_disk_image(&source, name.as_deref(), sha256.as_deref(), &mut |event| {
+                    bar.on(event)
+                });
+            bar.finish();
+            let record = added?;
+            if global.json {
+                print_json(&record)?;
+            } else {
+                println!(
+                    "{}{} {} sha256:{}",
+                    hangar::manager::DISK_PREFIX,
+                    record.name,
+                    record.format.as_str(),
+                    record.sha256
+                );
+            }
+        }
+        ImageCommand::Add {
+            manifest: Some(manifest),
             max_bundles,
+            ..
         } => {
             let bar = PullBar::new(&manifest, global.json);
             let added = manager.add_bundle(&manifest, max_bundles, &mut |event| bar.on(event));
@@ -52,6 +78,9 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                 );
             }
         }
+        ImageCommand::Add { .. } => {
+            anyhow::bail!("give a disk image (FILE|URL) or --manifest FILE|URL")
+        }
         ImageCommand::Ls => {
             let images = manager.images()?;
             let bundles = manager.bundles()?;
@@ -64,6 +93,12 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                     serde_json::json!({
                         "names": [format!("{}{}", hangar::manager::BUNDLE_PREFIX, bundle.bundle_id)],
                         "bundle": bundle,
+                    })
+                }));
+                list.extend(manager.disk_images()?.iter().map(|disk| {
+                    serde_json::json!({
+                        "names": [format!("{}{}", hangar::manager::DISK_PREFIX, disk.name)],
+                        "disk": disk,
                     })
                 }));
                 return print_json(&list).map(|()| 0);
@@ -79,6 +114,18 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                     bundle.added_at.format("%Y-%m-%d %H:%M").to_string(),
                 ]
             });
+            let disk_rows: Vec<Vec<String>> = manager
+                .disk_images()?
+                .iter()
+                .map(|disk| {
+                    vec![
+                        format!("{}{}", hangar::manager::DISK_PREFIX, disk.name),
+                        short_digest(&disk.sha256),
+                        format!("{:.1} MB", disk.file_size as f64 / 1e6),
+                        disk.added_at.format("%Y-%m-%d %H:%M").to_string(),
+                    ]
+                })
+                .collect();
             let rows = images
                 .iter()
                 .map(|(names, record)| {
@@ -94,13 +141,17 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
                     ]
                 })
                 .chain(bundle_rows)
+                .chain(disk_rows)
                 .collect();
             print_rows(&["NAME", "DIGEST", "SIZE", "IMPORTED"], rows)?;
         }
         ImageCommand::Inspect { reference } => {
-            match reference.strip_prefix(hangar::manager::BUNDLE_PREFIX) {
-                Some(id) => print_json(&manager.bundle(id)?)?,
-                None => print_json(&manager.image(&reference)?)?,
+            if let Some(id) = reference.strip_prefix(hangar::manager::BUNDLE_PREFIX) {
+                print_json(&manager.bundle(id)?)?;
+            } else if let Some(name) = reference.strip_prefix(hangar::manager::DISK_PREFIX) {
+                print_json(&manager.disk_image(name)?)?;
+            } else {
+                print_json(&manager.image(&reference)?)?;
             }
         }
         ImageCommand::Gc => {

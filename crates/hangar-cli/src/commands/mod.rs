@@ -22,6 +22,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(global, args),
         Command::Exec(args) => run::exec(global, args),
+        Command::Ssh(args) => run::ssh(global, args),
         Command::Cp(args) => copy::cp(global, args),
         Command::Create(args) => lifecycle::create(global, args),
         Command::Start(args) => lifecycle::start(global, args),
@@ -85,6 +86,33 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     spec.vsock = resources.vsock;
     spec.network = network_from(resources)?;
     spec.cloud_init = cloud_init_from(&resources.cloud_init)?;
+    spec.disk_size = match &resources.disk {
+        Some(size) => Some(size.parse().with_context(|| format!("--disk {size}"))?),
+        None => None,
+    };
+    spec.uefi = resources.uefi;
+    for size in &resources.data_disks {
+        spec.data_disks.push(hangar::spec::DataDisk {
+            size: Some(
+                size.parse()
+                    .with_context(|| format!("--data-disk {size}"))?,
+            ),
+            path: None,
+            read_only: false,
+        });
+    }
+    for text in &resources.attach_disks {
+        let (path, read_only) = match text.strip_suffix(":ro") {
+            Some(path) => (path, true),
+            None => (text.as_str(), false),
+        };
+        let path = std::path::absolute(path).with_context(|| format!("--attach-disk {text}"))?;
+        spec.data_disks.push(hangar::spec::DataDisk {
+            size: None,
+            path: Some(path),
+            read_only,
+        });
+    }
     for label in &resources.labels {
         let (key, value) = label
             .split_once('=')

@@ -63,6 +63,45 @@ pub fn exec(global: &Global, args: ExecArgs) -> anyhow::Result<u8> {
     Ok(exit_code(status?))
 }
 
+/// `hangar ssh VM [-- CMD]`: CMD over Hangar's SSH client; no CMD runs
+/// the system's ssh client for an interactive shell (no shell involved:
+/// the argv goes to execvp as it is).
+pub fn ssh(global: &Global, args: crate::cli::SshArgs) -> anyhow::Result<u8> {
+    let mut manager = open(global)?;
+    if args.argv.is_empty() {
+        use std::os::unix::process::CommandExt;
+        let argv = manager.ssh_client_argv(args.vm.namespace.as_deref(), &args.vm.vm)?;
+        let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+        anyhow::bail!(
+            "running {}: {err} (install openssh-client, or give a command after --)",
+            argv[0].to_string_lossy()
+        );
+    }
+    let request = ExecRequest {
+        argv: args.argv,
+        env: Vec::new(),
+        cwd: None,
+        stdin: args.interactive,
+        user: None,
+        tty: None,
+    };
+    let io = ExecIo {
+        stdin: args
+            .interactive
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        timeout: None,
+        tty_size: None,
+    };
+    let status = manager.exec(
+        args.vm.namespace.as_deref(),
+        &args.vm.vm,
+        request,
+        io,
+        &mut StdioSink,
+    );
+    Ok(exit_code(status?))
+}
+
 /// `-it` on a terminal: keys go to the guest's terminal as typed (Ctrl-C
 /// included, which the guest's terminal turns into SIGINT).
 fn raw_mode_for(request: &ExecRequest, io: &ExecIo) -> anyhow::Result<Option<RawMode>> {

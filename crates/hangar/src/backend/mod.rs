@@ -18,7 +18,8 @@ use crate::spec::VmSpec;
 /// What to boot, resolved by the manager from the spec and the image store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaunchPlan {
-    pub kernel: PathBuf,
+    /// A kernel to boot directly; None boots the root disk with firmware.
+    pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     /// The root file system (an OCI image's ext4, a bundle's rootfs).
     pub root_disk: Option<RootDisk>,
@@ -36,7 +37,10 @@ pub struct LaunchPlan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootDisk {
     pub base: PathBuf,
+    pub format: crate::image::disk::DiskFormat,
     pub read_only: bool,
+    /// The overlay's size, when it should be bigger than the base.
+    pub size: Option<u64>,
 }
 
 /// A VMM that was started.

@@ -9,6 +9,7 @@ pub mod bundle_store;
 pub mod catalog;
 pub mod cpio;
 pub mod default_image;
+pub mod disk;
 pub mod fetch;
 pub mod import;
 pub mod kernel;

@@ -140,7 +140,9 @@ impl Manager {
             kernel: store.kernel_path(id),
             root_disk: crate::backend::RootDisk {
                 base: store.rootfs_path(id),
+                format: crate::image::disk::DiskFormat::Raw,
                 read_only: record.rootfs_read_only || record.rootfs_type == RootfsType::Squashfs,
+                size: None,
             },
             cmdline_extra: extra.join(" "),
         })

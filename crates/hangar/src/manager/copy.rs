@@ -6,6 +6,7 @@ use hangar_proto::CopySummary;
 
 use super::lifecycle::vmm_only_check;
 use super::{Manager, ManagerError};
+use crate::record::VmState;
 
 impl Manager {
     /// Copies the host path `source` into the VM at `dest` (`docker cp`
@@ -17,6 +18,10 @@ impl Manager {
         source: &Path,
         dest: &str,
     ) -> Result<CopySummary, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        if super::ssh::uses_ssh(&record) && record.state == VmState::Running {
+            return self.copy_into_ssh(&record, source, dest);
+        }
         let (record, mut client) = self.running_agent(namespace, key, "copy files into it")?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || interrupted_or(vmm_only_check(pid, start));
@@ -34,6 +39,10 @@ impl Manager {
         source: &str,
         dest: &Path,
     ) -> Result<CopySummary, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        if super::ssh::uses_ssh(&record) && record.state == VmState::Running {
+            return self.copy_from_ssh(&record, source, dest);
+        }
         let (record, mut client) = self.running_agent(namespace, key, "copy files out of it")?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || interrupted_or(vmm_only_check(pid, start));

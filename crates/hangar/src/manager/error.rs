@@ -84,6 +84,14 @@ pub enum ManagerError {
     Bundle(#[from] crate::image::bundle_store::BundleError),
     #[error(transparent)]
     Seed(#[from] crate::cloudinit::SeedError),
+    #[error(transparent)]
+    Disk(#[from] crate::image::disk::DiskError),
+    #[error("VM {name}: {source}")]
+    Ssh {
+        name: String,
+        #[source]
+        source: crate::guest::ssh::SshError,
+    },
     #[error("{0}")]
     Config(String),
     #[error("interrupted")]

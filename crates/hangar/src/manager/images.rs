@@ -72,6 +72,9 @@ impl Manager {
         if let Some(id) = reference.strip_prefix(super::BUNDLE_PREFIX) {
             return Ok(self.remove_bundle(id)?.bundle_id);
         }
+        if let Some(name) = reference.strip_prefix(super::DISK_PREFIX) {
+            return Ok(self.remove_disk_image(name)?.sha256);
+        }
         let record = self.image(reference)?;
         let users: Vec<String> = self
             .store
@@ -105,6 +108,10 @@ impl Manager {
                 ImageSource::Oci {
                     reference: format!("{name}@{}", record.manifest_digest),
                 }
+            }
+            ImageSource::Disk { name } => {
+                self.disk_catalog().require(&name)?;
+                ImageSource::Disk { name }
             }
             ImageSource::Bundle { id } => {
                 let store = self.bundle_store();

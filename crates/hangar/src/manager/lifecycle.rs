@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::{Manager, ManagerError, CONSOLE_TAIL_LINES};
-use crate::backend::{process, LaunchPlan, StopOutcome, StopRequest};
+use crate::backend::{process, StopOutcome, StopRequest};
 use crate::guest::AgentClient;
 use crate::record::{Accel, BackendKind, VmRecord, VmState};
-use crate::spec::ImageSource;
 
 /// How long a guest may take from VMM start to the agent's hello. Under TCG
 /// the default image needs ~2 s; the margin covers a loaded CI machine.
@@ -113,6 +112,9 @@ impl Manager {
             let record = self.mark_running(&id, None)?;
             return Ok((record, None));
         }
+        if super::ssh::uses_ssh(&record) {
+            return Ok((self.wait_ssh_ready(record, plan.accel)?, None));
+        }
         let timeout = match plan.accel {
             Accel::Kvm => READY_TIMEOUT_KVM,
             Accel::Tcg => READY_TIMEOUT_TCG,
@@ -171,7 +173,7 @@ impl Manager {
         Ok(facts)
     }
 
-    fn mark_running(
+    pub(super) fn mark_running(
         &mut self,
         id: &str,
         facts: Option<hangar_proto::GuestFacts>,
@@ -297,86 +299,6 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| record.work_dir.join("console.log"));
         crate::fsutil::tail_lines(&log, CONSOLE_TAIL_LINES)
-    }
-
-    /// Resolves image and accelerator into what the backend boots.
-    fn plan(&mut self, record: &VmRecord) -> Result<LaunchPlan, ManagerError> {
-        if record.backend == BackendKind::Noop {
-            return Ok(LaunchPlan {
-                kernel: Default::default(),
-                initramfs: None,
-                root_disk: None,
-                seed: None,
-                cmdline: String::new(),
-                cpus: record.spec.cpus,
-                memory: record.spec.memory,
-                accel: Accel::Tcg,
-            });
-        }
-        let mut bundle_args = None;
-        let (image, root_disk) = match &record.spec.image {
-            ImageSource::Default => (self.default_image()?, None),
-            // The default kernel and agent initramfs, switching root into
-            // the image's file system.
-            ImageSource::Oci { reference } => {
-                let root = crate::backend::RootDisk {
-                    base: self.image_rootfs(reference)?,
-                    read_only: false,
-                };
-                (self.default_image()?, Some(root))
-            }
-            // The bundle's kernel with the agent initramfs, switching root
-            // into the bundle's file system.
-            ImageSource::Bundle { id } => {
-                let boot = self.bundle_boot(id)?;
-                let mut image = self.default_image()?;
-                image.kernel = boot.kernel;
-                bundle_args = Some(boot.cmdline_extra);
-                (image, Some(boot.root_disk))
-            }
-            other => {
-                return Err(ManagerError::UnknownImage {
-                    reference: format!("{other:?}"),
-                })
-            }
-        };
-        let accel = self.accelerator()?.accel;
-        let mut cmdline = format!(
-            "{} hangar.hostname={}",
-            crate::image::default_image::KERNEL_CMDLINE,
-            record.name
-        );
-        if record.spec.vsock {
-            // The agent loads the vsock modules and listens on vsock too.
-            cmdline.push_str(" hangar.vsock=1");
-        }
-        match bundle_args {
-            Some(args) => {
-                cmdline.push(' ');
-                cmdline.push_str(&args);
-            }
-            None if root_disk.is_some() => cmdline.push_str(" hangar.root=/dev/vda"),
-            None => {}
-        }
-        if matches!(record.spec.network, crate::spec::NetworkSpec::User { .. }) {
-            // The agent gives eth0 user-mode networking's fixed address.
-            cmdline.push_str(" hangar.net=user");
-        }
-        for arg in &record.spec.kernel_args {
-            cmdline.push(' ');
-            cmdline.push_str(arg);
-        }
-        let seed = super::seed_path(&record.work_dir);
-        Ok(LaunchPlan {
-            kernel: image.kernel,
-            initramfs: Some(image.initramfs),
-            seed: (!record.first_booted && seed.is_file()).then_some(seed),
-            root_disk,
-            cmdline,
-            cpus: record.spec.cpus,
-            memory: record.spec.memory,
-            accel,
-        })
     }
 }
 

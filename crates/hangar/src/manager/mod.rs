@@ -4,13 +4,16 @@
 mod bundles;
 mod control;
 mod copy;
+mod disks;
 mod error;
 mod filter;
 mod gc;
 mod images;
 mod lifecycle;
+mod plan;
 mod reconcile;
 mod run;
+mod ssh;
 mod up;
 
 use std::path::{Path, PathBuf};
@@ -116,6 +119,8 @@ impl Manager {
         ephemeral_for: Option<ProcessRef>,
         password: Option<&str>,
     ) -> Result<VmRecord, ManagerError> {
+        let mut spec = spec;
+        disks::disk_defaults(&mut spec);
         spec.validate()?;
         let static_address = spec
             .cloud_init
@@ -128,10 +133,9 @@ impl Manager {
         }
         if password.is_some() && spec.cloud_init.is_none() {
             return Err(ManagerError::Config(
-                "a password is only used for a cloud-init seed; add --user or another cloud-init option".into(),
+                "a password is only used for a cloud-init seed; add --cloud-user or another cloud-init option".into(),
             ));
         }
-        let mut spec = spec;
         // Held until the record is in: the bundle cache cannot evict the
         // VM's bundle in between.
         let (image, _bundle_in_use) = self.pin_image(spec.image)?;
@@ -147,6 +151,16 @@ impl Manager {
         if record.spec.network != crate::spec::NetworkSpec::None {
             record.mac = crate::net::mac_for(&record.id);
         }
+        // A VM reached over SSH gets its own key pair; the seed
+        // authorizes it.
+        let key = match &record.spec.ssh {
+            Some(ssh) if ssh.private_key_path.is_none() => Some(
+                crate::guest::ssh::generate_key(&format!("hangar@{}", record.name))
+                    .map_err(|err| ManagerError::Config(err.to_string()))?,
+            ),
+            _ => None,
+        };
+        let extra_keys: Vec<String> = key.iter().map(|pair| pair.public.clone()).collect();
         // Built (and so validated) before anything is recorded.
         let seed = match &record.spec.cloud_init {
             Some(cloud_init) => Some(crate::cloudinit::seed_image(
@@ -155,7 +169,7 @@ impl Manager {
                     vm_id: &record.id,
                     vm_name: &record.name,
                     mac: record.mac.as_deref(),
-                    extra_keys: &[],
+                    extra_keys: &extra_keys,
                     password,
                 },
             )?),
@@ -165,6 +179,10 @@ impl Manager {
         let made = create_private_dir(&work_dir)
             .map_err(ManagerError::from)
             .and_then(|()| {
+                if let Some(pair) = &key {
+                    crate::guest::ssh::write_key(&ssh_key_path(&work_dir), pair)
+                        .map_err(|err| ManagerError::Config(err.to_string()))?;
+                }
                 let Some(seed) = &seed else { return Ok(()) };
                 let path = seed_path(&work_dir);
                 crate::fsutil::write_private(&path, seed)
@@ -348,14 +366,30 @@ pub(crate) fn seed_path(work_dir: &Path) -> PathBuf {
     work_dir.join("seed.iso")
 }
 
+/// The private key Hangar made for a VM it reaches over SSH (0600).
+pub(crate) fn ssh_key_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("ssh_key")
+}
+
 /// How `--image` names a base-image bundle: `bundle:ID` (like skopeo's
 /// transport prefixes; a bare name is an OCI reference).
 pub const BUNDLE_PREFIX: &str = "bundle:";
+/// How `--image` names a stored cloud disk image: `disk:NAME`.
+pub const DISK_PREFIX: &str = "disk:";
 
 /// Parses what a user writes after `--image`.
 pub fn parse_image(reference: &str) -> Result<ImageSource, ManagerError> {
     match reference {
         "" | "default" => Ok(ImageSource::Default),
+        other if other.starts_with(DISK_PREFIX) => {
+            let name = &other[DISK_PREFIX.len()..];
+            crate::image::bundle::validate_bundle_id(name).map_err(|problem| {
+                ManagerError::Config(format!("--image {other}: the disk image name {problem}"))
+            })?;
+            Ok(ImageSource::Disk {
+                name: name.to_owned(),
+            })
+        }
         other if other.starts_with(BUNDLE_PREFIX) => {
             let id = &other[BUNDLE_PREFIX.len()..];
             crate::image::bundle::validate_bundle_id(id).map_err(|problem| {

@@ -34,6 +34,11 @@ impl Manager {
         io: ExecIo,
         sink: &mut dyn OutputSink,
     ) -> Result<ExitStatus, ManagerError> {
+        let record = self.inspect(namespace, key)?;
+        if super::ssh::uses_ssh(&record) && record.state == VmState::Running {
+            let request = self.runnable(&record, request)?;
+            return self.exec_ssh(&record, request, io, sink);
+        }
         let (record, mut client) = self.running_agent(namespace, key, "run a command in it")?;
         let request = self.runnable(&record, request)?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);

@@ -15,9 +15,13 @@ pub struct QemuArgs {
     /// Firmware: qboot when available (fastest to a PVH kernel), else
     /// QEMU's default SeaBIOS.
     pub bios: Option<PathBuf>,
+    /// UEFI firmware (OVMF code, read-only) and the VM's own variable
+    /// store; None boots with `bios` (or SeaBIOS).
+    pub uefi: Option<(PathBuf, PathBuf)>,
     pub cpus: u32,
     pub memory_mib: u64,
-    pub kernel: PathBuf,
+    /// A kernel to boot directly; None boots the disks with firmware.
+    pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
     pub qmp_socket: PathBuf,
@@ -34,6 +38,8 @@ pub struct QemuArgs {
     pub root_disk: Option<Disk>,
     /// A cloud-init seed, after the root disk.
     pub seed: Option<PathBuf>,
+    /// More disks, after the seed.
+    pub data_disks: Vec<Disk>,
 }
 
 /// A virtio disk.
@@ -69,16 +75,30 @@ impl QemuArgs {
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
         }
-        if let Some(bios) = &self.bios {
-            push(&["-bios", &bios.to_string_lossy()]);
+        match &self.uefi {
+            Some((code, vars)) => {
+                let code = format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    escape(code)
+                );
+                let vars = format!("if=pflash,format=raw,unit=1,file={}", escape(vars));
+                push(&["-drive", &code, "-drive", &vars]);
+            }
+            None => {
+                if let Some(bios) = &self.bios {
+                    push(&["-bios", &bios.to_string_lossy()]);
+                }
+            }
         }
         push(&["-smp", &self.cpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
-        push(&["-kernel", &self.kernel.to_string_lossy()]);
-        if let Some(initramfs) = &self.initramfs {
-            push(&["-initrd", &initramfs.to_string_lossy()]);
+        if let Some(kernel) = &self.kernel {
+            push(&["-kernel", &kernel.to_string_lossy()]);
+            if let Some(initramfs) = &self.initramfs {
+                push(&["-initrd", &initramfs.to_string_lossy()]);
+            }
+            push(&["-append", &self.cmdline]);
         }
-        push(&["-append", &self.cmdline]);
         // Serial console: a socket to attach to, mirrored into a log file.
         let console = format!(
             "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
@@ -128,6 +148,20 @@ impl QemuArgs {
             );
             push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=seed"]);
         }
+        for (index, disk) in self.data_disks.iter().enumerate() {
+            let mode = if disk.read_only {
+                "readonly=on"
+            } else {
+                "discard=unmap"
+            };
+            let drive = format!(
+                "file={},format={},if=none,id=data{index},{mode}",
+                escape(&disk.path),
+                disk.format
+            );
+            let device = format!("virtio-blk-pci,drive=data{index}");
+            push(&["-drive", &drive, "-device", &device]);
+        }
         if let Some(net) = &self.user_net {
             let mut netdev = String::from("user,id=net0");
             for forward in &net.forwards {
@@ -157,9 +191,10 @@ mod tests {
             name: "web".into(),
             accel: Accel::Tcg,
             bios: Some("/usr/share/qemu/qboot.rom".into()),
+            uefi: None,
             cpus: 2,
             memory_mib: 512,
-            kernel: "/img/vmlinux".into(),
+            kernel: Some("/img/vmlinux".into()),
             initramfs: Some("/img/initramfs.cpio".into()),
             cmdline: "console=ttyS0 quiet".into(),
             qmp_socket: "/s/q,mp.sock".into(),
@@ -171,6 +206,7 @@ mod tests {
             user_net: None,
             root_disk: None,
             seed: None,
+            data_disks: Vec::new(),
         }
     }
 
@@ -257,6 +293,30 @@ mod tests {
         assert!(
             argv.contains(&"file=/b/root,,fs,format=raw,if=none,id=root,readonly=on".to_owned())
         );
+    }
+
+    #[test]
+    fn a_disk_image_boots_with_firmware_and_its_disks() {
+        let mut disk = args();
+        disk.kernel = None;
+        disk.bios = None;
+        disk.uefi = Some(("/ovmf/CODE.fd".into(), "/vm/VARS.fd".into()));
+        disk.data_disks = vec![Disk {
+            path: "/data/d.raw".into(),
+            format: "raw",
+            read_only: true,
+        }];
+        let argv: Vec<String> = disk
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = argv.join(" ");
+        assert!(
+            !joined.contains("-kernel") && !joined.contains("-append") && !joined.contains("-bios")
+        );
+        assert!(joined.contains("-drive if=pflash,format=raw,unit=0,readonly=on,file=/ovmf/CODE.fd -drive if=pflash,format=raw,unit=1,file=/vm/VARS.fd"), "{joined}");
+        assert!(joined.contains("file=/data/d.raw,format=raw,if=none,id=data0,readonly=on -device virtio-blk-pci,drive=data0"), "{joined}");
     }
 
     #[test]

@@ -134,13 +134,10 @@ impl Backend for QemuBackend {
             what: what.into(),
             why: why.into(),
         };
-        if !matches!(
-            spec.image,
-            ImageSource::Default | ImageSource::Oci { .. } | ImageSource::Bundle { .. }
-        ) {
+        if matches!(spec.image, ImageSource::Kernel { .. }) {
             return Err(unsupported(
-                "boot this image source",
-                "this version boots the embedded default image, OCI images and base-image bundles",
+                "boot a kernel of your own",
+                "not implemented yet; use a base-image bundle (`hangar image add --manifest`)",
             ));
         }
         if matches!(spec.network, NetworkSpec::Tap { .. }) {
@@ -210,10 +207,17 @@ impl Backend for QemuBackend {
             NetworkSpec::User { forwards } => Some(forwards.as_slice()),
             _ => None,
         };
+        // qboot boots a kernel fastest but cannot boot a disk; SeaBIOS
+        // (QEMU's default) or OVMF do that.
+        let uefi = match (&plan.kernel, vm.spec.uefi) {
+            (None, true) => Some(uefi_firmware(&vm.work_dir)?),
+            _ => None,
+        };
         let mut args = QemuArgs {
             name: vm.name.clone(),
             accel: plan.accel,
-            bios: self.bios(),
+            bios: plan.kernel.as_ref().and_then(|_| self.bios()),
+            uefi,
             cpus: plan.cpus,
             memory_mib: plan.memory.as_mib(),
             kernel: plan.kernel.clone(),
@@ -229,17 +233,18 @@ impl Backend for QemuBackend {
             root_disk: match &plan.root_disk {
                 Some(disk) if disk.read_only => Some(argv::Disk {
                     path: disk.base.clone(),
-                    format: "raw",
+                    format: disk.format.as_str(),
                     read_only: true,
                 }),
                 Some(disk) => Some(argv::Disk {
-                    path: root_overlay(&disk.base, &vm.work_dir)?,
+                    path: root_overlay(disk, &vm.work_dir)?,
                     format: "qcow2",
                     read_only: false,
                 }),
                 None => None,
             },
             seed: plan.seed.clone(),
+            data_disks: data_disks(vm)?,
         };
         let log_path = vm.work_dir.join("qemu.log");
         let mut ports = Vec::new();
@@ -360,20 +365,31 @@ impl Pausable for QemuBackend {
 
 /// The VM's copy-on-write overlay of `base`, made on its first start and
 /// kept across restarts (like a container's writable layer).
-fn root_overlay(base: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
+fn root_overlay(disk: &crate::backend::RootDisk, work_dir: &Path) -> Result<PathBuf, BackendError> {
     let overlay = work_dir.join("root.qcow2");
     if overlay.is_file() {
         return Ok(overlay);
     }
-    let output = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(base)
-        .arg(&overlay)
-        .output()
-        .map_err(|err| BackendError::Launch {
-            what: "qemu-img (install qemu-utils)".into(),
-            detail: err.to_string(),
-        })?;
+    let mut command = Command::new("qemu-img");
+    command
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            disk.format.as_str(),
+            "-b",
+        ])
+        .arg(&disk.base)
+        .arg(&overlay);
+    if let Some(size) = disk.size {
+        command.arg(size.to_string());
+    }
+    let output = command.output().map_err(|err| BackendError::Launch {
+        what: "qemu-img (install qemu-utils)".into(),
+        detail: err.to_string(),
+    })?;
     if !output.status.success() {
         let _ = std::fs::remove_file(&overlay);
         return Err(BackendError::Launch {
@@ -383,6 +399,87 @@ fn root_overlay(base: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
     }
     let _ = std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600));
     Ok(overlay)
+}
+
+/// Debian's OVMF (package `ovmf`): the firmware, and the template of the
+/// variable store each VM gets a copy of (as vm-manager does).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The OVMF code and this VM's variable store (copied once, kept across
+/// restarts so boot entries persist).
+fn uefi_firmware(work_dir: &Path) -> Result<(PathBuf, PathBuf), BackendError> {
+    let missing = || BackendError::Launch {
+        what: "UEFI firmware".into(),
+        detail: format!("{OVMF_CODE} is missing; install it with `apt-get install ovmf`"),
+    };
+    if !Path::new(OVMF_CODE).is_file() || !Path::new(OVMF_VARS).is_file() {
+        return Err(missing());
+    }
+    let vars = work_dir.join("OVMF_VARS.fd");
+    if !vars.is_file() {
+        let template = std::fs::read(OVMF_VARS).map_err(|source| BackendError::Io {
+            path: OVMF_VARS.into(),
+            source,
+        })?;
+        crate::fsutil::write_private(&vars, &template).map_err(|source| BackendError::Io {
+            path: vars.clone(),
+            source,
+        })?;
+    }
+    Ok((PathBuf::from(OVMF_CODE), vars))
+}
+
+/// The VM's data disks: new ones made once in its work dir (qcow2 of the
+/// asked size), host files attached as they are (format detected; a
+/// qcow2 naming a backing file is refused).
+fn data_disks(vm: &VmRecord) -> Result<Vec<argv::Disk>, BackendError> {
+    let mut disks = Vec::new();
+    for (index, spec) in vm.spec.data_disks.iter().enumerate() {
+        let disk = match (&spec.path, spec.size) {
+            (Some(path), _) => {
+                let detected =
+                    crate::image::disk::detect_file(path).map_err(|err| BackendError::Launch {
+                        what: format!("data disk {}", path.display()),
+                        detail: err.to_string(),
+                    })?;
+                argv::Disk {
+                    path: path.clone(),
+                    format: detected.format.as_str(),
+                    read_only: spec.read_only,
+                }
+            }
+            (None, Some(size)) => {
+                let path = vm.work_dir.join(format!("data-{index}.qcow2"));
+                if !path.is_file() {
+                    let output = Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2"])
+                        .arg(&path)
+                        .arg(size.0.to_string())
+                        .output()
+                        .map_err(|err| BackendError::Launch {
+                            what: "qemu-img (install qemu-utils)".into(),
+                            detail: err.to_string(),
+                        })?;
+                    if !output.status.success() {
+                        return Err(BackendError::Launch {
+                            what: format!("creating data disk {index}"),
+                            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                        });
+                    }
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+                }
+                argv::Disk {
+                    path,
+                    format: "qcow2",
+                    read_only: spec.read_only,
+                }
+            }
+            (None, None) => continue, // refused by the spec's validation
+        };
+        disks.push(disk);
+    }
+    Ok(disks)
 }
 
 /// How often a start picks new free ports when one was taken meanwhile.
