@@ -61,11 +61,29 @@ struct MetaData<'a> {
 
 #[derive(Serialize)]
 struct CloudConfig<'a> {
+    /// The hostname resolves (sudo and others look it up).
+    manage_etc_hosts: bool,
     users: Vec<User<'a>>,
+    write_files: Vec<WriteFile>,
     ssh_pwauth: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     chpasswd: Option<Chpasswd<'a>>,
 }
+
+#[derive(Serialize)]
+struct WriteFile {
+    path: &'static str,
+    content: &'static str,
+}
+
+/// The seed is attached on the first boot only. Without it, a later boot
+/// finds no NoCloud source, falls back to another datasource and counts
+/// as a new instance: new SSH host keys, per-instance modules again. This
+/// file makes cloud-init keep the instance it has.
+const KEEP_INSTANCE: WriteFile = WriteFile {
+    path: "/etc/cloud/cloud.cfg.d/99-hangar-keep-instance.cfg",
+    content: "manual_cache_clean: true\n",
+};
 
 #[derive(Serialize)]
 struct User<'a> {
@@ -122,6 +140,7 @@ pub fn seed_files(input: &SeedInput) -> Result<Vec<(&'static str, Vec<u8>)>, See
                 }
             }
             let config = CloudConfig {
+                manage_etc_hosts: true,
                 users: vec![User {
                     name,
                     shell: "/bin/bash",
@@ -129,6 +148,7 @@ pub fn seed_files(input: &SeedInput) -> Result<Vec<(&'static str, Vec<u8>)>, See
                     lock_passwd: input.password.is_none(),
                     ssh_authorized_keys: keys.clone(),
                 }],
+                write_files: vec![KEEP_INSTANCE],
                 ssh_pwauth: input.password.is_some(),
                 chpasswd: input.password.map(|password| Chpasswd {
                     expire: false,

@@ -332,7 +332,18 @@ pub fn exec(
     }
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (handle, _) = connect(target, &key).await?;
+        // An sshd restarting (cloud-init does that) refuses or resets a
+        // new connection for a moment; nothing ran yet, so try again.
+        let mut attempt = 0;
+        let (handle, _) = loop {
+            match connect(target, &key).await {
+                Err(SshError::Session { .. }) if attempt < CONNECT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => break other?,
+            }
+        };
         let mut channel = handle
             .channel_open_session()
             .await
@@ -377,6 +388,9 @@ pub fn exec(
         status.ok_or(SshError::NoExitStatus { addr })
     })
 }
+
+/// How often [`exec`] tries a connection again before giving up.
+const CONNECT_RETRIES: u32 = 3;
 
 fn signal_number(signal: &russh::Sig) -> i32 {
     use russh::Sig;

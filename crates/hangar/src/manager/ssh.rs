@@ -67,8 +67,16 @@ impl Manager {
         let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, pid_start);
         let ready = self.ssh_target(&record).and_then(|target| {
-            ssh::wait_ready(&target, timeout, &mut check)
-                .map_err(|err| ManagerError::Config(err.to_string()))
+            let host_key = ssh::wait_ready(&target, timeout, &mut check)
+                .map_err(|err| ManagerError::Config(err.to_string()))?;
+            let target = SshTarget {
+                host_key: Some(host_key.clone()),
+                ..target
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            wait_cloud_init(&target, left, &mut check)
+                .map_err(|err| ManagerError::Config(err.to_string()))?;
+            Ok(host_key)
         });
         match ready {
             Ok(host_key) => {
@@ -316,6 +324,33 @@ impl Manager {
             )));
         }
         unpacked.map_err(|err| ManagerError::Config(format!("cp {}:{source}: {err}", record.name)))
+    }
+}
+
+/// Waits until cloud-init (if the guest has it) has finished: until then
+/// it may still create users or restart sshd under a session. Sessions
+/// cut by such a restart are retried until `timeout`.
+fn wait_cloud_init(
+    target: &SshTarget,
+    timeout: Duration,
+    check: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<(), SshError> {
+    let command = "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; fi; true";
+    let started = Instant::now();
+    loop {
+        let mut sink = crate::guest::CollectSink::default();
+        match ssh::exec(target, command, None, &mut sink, check) {
+            Ok(_) => return Ok(()),
+            Err(err @ (SshError::HostKeyChanged { .. } | SshError::Stopped(_))) => return Err(err),
+            Err(err) if started.elapsed() >= timeout => {
+                return Err(SshError::NotReady {
+                    addr: target.addr,
+                    waited: started.elapsed(),
+                    last: format!("waiting for cloud-init to finish: {err}"),
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
     }
 }
 

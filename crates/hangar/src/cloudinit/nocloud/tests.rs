@@ -39,6 +39,11 @@ fn a_generated_seed_creates_the_user_with_the_keys() {
     assert_eq!(config["users"][0]["ssh_authorized_keys"][0], KEY);
     assert_eq!(config["users"][0]["lock_passwd"], true);
     assert_eq!(config["ssh_pwauth"], false);
+    assert_eq!(config["manage_etc_hosts"], true);
+    assert_eq!(
+        config["write_files"][0]["content"],
+        "manual_cache_clean: true\n"
+    );
     assert!(config.get("chpasswd").is_none());
 }
 
