@@ -6,7 +6,7 @@
 # VM makes its own. Output: OUT_DIR/debian-bookworm-cloud.qcow2.
 #
 # Cached: an image whose stamp names this VERSION is kept as it is.
-# KEEP_BUILD=1 keeps the build folder (logs, tree) when a build fails.
+# KEEP_BUILD=1 keeps the build folder (logs, the tree) to look into.
 set -euo pipefail
 
 VERSION=1
