@@ -135,6 +135,14 @@ pub struct ResourceArgs {
     /// Root disk size for a disk image, e.g. 10G (its overlay grows to it).
     #[arg(long, value_name = "SIZE")]
     pub disk: Option<String>,
+    /// The user Hangar logs in as over SSH (disk images; default: the
+    /// cloud-init user).
+    #[arg(long, value_name = "NAME")]
+    pub ssh_user: Option<String>,
+    /// Your own OpenSSH private key for SSH (no passphrase) instead of the
+    /// per-VM key Hangar makes; the seed authorizes its public half.
+    #[arg(long, value_name = "FILE")]
+    pub ssh_private_key: Option<PathBuf>,
     /// Boot a disk image with UEFI (OVMF) instead of BIOS.
     #[arg(long)]
     pub uefi: bool,

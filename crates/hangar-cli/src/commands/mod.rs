@@ -91,6 +91,19 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
         None => None,
     };
     spec.uefi = resources.uefi;
+    if resources.ssh_user.is_some() || resources.ssh_private_key.is_some() {
+        spec.ssh = Some(hangar::spec::SshSpec {
+            user: resources.ssh_user.clone().unwrap_or_default(),
+            public_key: None,
+            private_key_path: match &resources.ssh_private_key {
+                Some(path) => Some(
+                    std::path::absolute(path)
+                        .with_context(|| format!("--ssh-private-key {}", path.display()))?,
+                ),
+                None => None,
+            },
+        });
+    }
     for size in &resources.data_disks {
         spec.data_disks.push(hangar::spec::DataDisk {
             size: Some(

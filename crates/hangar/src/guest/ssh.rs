@@ -107,6 +107,17 @@ pub fn write_key(path: &Path, pair: &KeyPair) -> Result<(), SshError> {
     })
 }
 
+/// The authorized_keys line of the private key at `path` (checked to load).
+pub fn public_key_of(path: &Path) -> Result<String, SshError> {
+    load_key(path)?
+        .public_key()
+        .to_openssh()
+        .map_err(|e| SshError::Key {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+}
+
 fn load_key(path: &Path) -> Result<PrivateKey, SshError> {
     russh::keys::load_secret_key(path, None).map_err(|e| SshError::Key {
         path: path.to_path_buf(),

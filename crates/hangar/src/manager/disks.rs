@@ -84,7 +84,14 @@ pub(super) fn disk_defaults(spec: &mut VmSpec) {
         NetworkSpec::Tap { .. } => {}
     }
     let cloud_init = spec.cloud_init.get_or_insert_with(CloudInitSpec::default);
-    if spec.ssh.is_none() {
+    // An SSH user named alone is also the user the seed creates.
+    if let Some(ssh) = spec.ssh.as_ref().filter(|s| !s.user.is_empty()) {
+        if cloud_init.user.is_none() && cloud_init.user_data.is_none() {
+            cloud_init.user = Some(ssh.user.clone());
+        }
+    }
+    if spec.ssh.as_ref().is_none_or(|s| s.user.is_empty()) {
+        let private_key_path = spec.ssh.take().and_then(|s| s.private_key_path);
         let user = match &cloud_init.user_data {
             // The user's own user-data: keys go to the image's default
             // user, whose name Hangar cannot know; the caller names it.
@@ -97,7 +104,74 @@ pub(super) fn disk_defaults(spec: &mut VmSpec) {
         spec.ssh = Some(SshSpec {
             user,
             public_key: None,
-            private_key_path: None,
+            private_key_path,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_spec() -> VmSpec {
+        let mut spec = VmSpec::new("web");
+        spec.image = ImageSource::Disk {
+            name: "debian".into(),
+        };
+        spec
+    }
+
+    #[test]
+    fn a_disk_vm_gets_an_ssh_forward_a_seed_and_a_user() {
+        let mut spec = disk_spec();
+        disk_defaults(&mut spec);
+        assert_eq!(
+            spec.network,
+            NetworkSpec::User {
+                forwards: vec![PortForward { host: 0, guest: 22 }]
+            }
+        );
+        assert_eq!(spec.ssh.unwrap().user, "hangar");
+        assert_eq!(spec.cloud_init, Some(CloudInitSpec::default()));
+    }
+
+    #[test]
+    fn a_named_ssh_user_is_the_seeded_user_and_keeps_its_key() {
+        let mut spec = disk_spec();
+        spec.network = NetworkSpec::User {
+            forwards: vec![PortForward {
+                host: 8080,
+                guest: 80,
+            }],
+        };
+        spec.ssh = Some(SshSpec {
+            user: "alice".into(),
+            public_key: None,
+            private_key_path: Some("/keys/id".into()),
+        });
+        disk_defaults(&mut spec);
+        let NetworkSpec::User { forwards } = &spec.network else {
+            panic!("{:?}", spec.network)
+        };
+        assert_eq!(forwards.len(), 2);
+        assert_eq!(spec.cloud_init.unwrap().user.as_deref(), Some("alice"));
+        let ssh = spec.ssh.unwrap();
+        assert_eq!(
+            (ssh.user.as_str(), ssh.private_key_path),
+            ("alice", Some("/keys/id".into()))
+        );
+        // A key alone: the user comes from the seed's default.
+        let mut spec = disk_spec();
+        spec.ssh = Some(SshSpec {
+            user: String::new(),
+            public_key: None,
+            private_key_path: Some("/keys/id".into()),
+        });
+        disk_defaults(&mut spec);
+        let ssh = spec.ssh.unwrap();
+        assert_eq!(
+            (ssh.user.as_str(), ssh.private_key_path),
+            ("hangar", Some("/keys/id".into()))
+        );
     }
 }

@@ -160,7 +160,21 @@ impl Manager {
             ),
             _ => None,
         };
-        let extra_keys: Vec<String> = key.iter().map(|pair| pair.public.clone()).collect();
+        let mut extra_keys: Vec<String> = key.iter().map(|pair| pair.public.clone()).collect();
+        // A key of the user's own: the seed authorizes its public half.
+        if let Some(path) = record
+            .spec
+            .ssh
+            .as_ref()
+            .and_then(|s| s.private_key_path.as_ref())
+        {
+            let public = crate::guest::ssh::public_key_of(path).map_err(|err| {
+                ManagerError::Config(format!(
+                    "--ssh-private-key: {err} (an OpenSSH private key without a passphrase)"
+                ))
+            })?;
+            extra_keys.push(public);
+        }
         // Built (and so validated) before anything is recorded.
         let seed = match &record.spec.cloud_init {
             Some(cloud_init) => Some(crate::cloudinit::seed_image(
