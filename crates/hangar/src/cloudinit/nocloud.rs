@@ -250,7 +250,13 @@ fn network_config(network: &StaticNetwork, mac: Option<&str>) -> Result<Vec<u8>,
             .parse()
             .map_err(|_| field("gateway", format!("{gateway:?} is not an IP address")))?;
         routes.push(Route {
-            to: "default",
+            // cloud-init 22.4 (Debian bookworm) rejects `to: default`
+            // ("not a valid ip network"): spell the default route out.
+            to: if gateway.is_ipv4() {
+                "0.0.0.0/0"
+            } else {
+                "::/0"
+            },
             via: gateway.to_string(),
         });
     }

@@ -96,6 +96,7 @@ fn a_static_address_writes_network_config_v2() {
     assert_eq!(eth["match"]["macaddress"], "02:1b:2c:3d:4e:5f");
     assert_eq!(eth["addresses"][0], "10.0.2.50/24");
     assert_eq!(eth["routes"][0]["via"], "10.0.2.2");
+    assert_eq!(eth["routes"][0]["to"], "0.0.0.0/0");
     assert_eq!(eth["nameservers"]["addresses"][0], "10.0.2.3");
 }
 
