@@ -235,6 +235,11 @@ pub fn validate_bundle_id(id: &str) -> Result<(), String> {
             "is {id:?}; use 1-64 of lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
         ));
     }
+    // The bundle store's own entries (also keeps disk image names clear
+    // of their catalog's scratch folder).
+    if matches!(id, "tmp" | "lock") {
+        return Err(format!("is {id:?}, a name Hangar reserves; pick another"));
+    }
     Ok(())
 }
 
@@ -308,18 +313,22 @@ fn resolve(dir: &Path, path: &Path) -> PathBuf {
 /// one of them; `8250.nr_uarts=0` the serial console).
 pub fn machine_owned_arg(arg: &str) -> bool {
     let key = arg.split_once('=').map_or(arg, |(key, _)| key);
-    matches!(
-        key,
-        "pci"
-            | "8250.nr_uarts"
-            | "console"
-            | "root"
-            | "rootfstype"
-            | "ro"
-            | "rw"
-            | "init"
-            | "rdinit"
-    )
+    // Hangar's own options (the agent takes the last value of a key) and
+    // `--` (what follows goes to init) are the machine's too.
+    key.starts_with("hangar.")
+        || key == "--"
+        || matches!(
+            key,
+            "pci"
+                | "8250.nr_uarts"
+                | "console"
+                | "root"
+                | "rootfstype"
+                | "ro"
+                | "rw"
+                | "init"
+                | "rdinit"
+        )
 }
 
 #[cfg(test)]
@@ -410,6 +419,11 @@ mod tests {
                 "`kernel.url` and `path`",
             ),
             (
+                Box::new(|m| m["rootfs"]["url"] = "ftp://x/rootfs".into()),
+                "`rootfs.url` \"ftp://x/rootfs\" is not an http(s) URL",
+            ),
+            (Box::new(|m| m["bundleId"] = "tmp".into()), "reserves"),
+            (
                 Box::new(|m| m["rootfs"]["url"] = "file:///etc/shadow".into()),
                 "`rootfs.url`",
             ),
@@ -441,7 +455,7 @@ mod tests {
     #[test]
     fn hangar_keeps_the_machine_arguments() {
         let kept: Vec<&str> =
-            "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=0 ro init=/sbin/init quiet"
+            "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=0 ro init=/sbin/init hangar.rootro=0 hangar.probe -- quiet"
                 .split_whitespace()
                 .filter(|a| !machine_owned_arg(a))
                 .collect();

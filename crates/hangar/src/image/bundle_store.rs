@@ -233,7 +233,13 @@ impl BundleStore {
         let now = Utc::now();
         let existing = self.get(id)?;
         let unchanged = existing.as_ref().is_some_and(|old| {
-            old.kernel.sha256 == fetched.kernel.sha256 && old.rootfs.sha256 == fetched.rootfs.sha256
+            old.kernel.sha256 == fetched.kernel.sha256
+                && old.rootfs.sha256 == fetched.rootfs.sha256
+                // What a start reads from the record must not change
+                // under a VM either.
+                && old.rootfs_type == manifest.rootfs_type
+                && old.rootfs_read_only == manifest.rootfs_read_only
+                && old.boot_args == manifest.boot_args
         });
         if existing.is_some() && !unchanged && pinned.contains(id) {
             return Err(BundleError::InUse {

@@ -142,9 +142,12 @@ pub fn fetch_file(
     };
     let from = source.display().to_string();
     let mut input = std::fs::File::open(source).map_err(io(source))?;
-    if let Ok(meta) = input.metadata() {
-        progress(PullEvent::Total(meta.len()));
+    let meta = input.metadata().map_err(io(source))?;
+    if !meta.is_file() {
+        // A device or FIFO would copy a disk, read for ever or hang.
+        return Err(io(source)(std::io::Error::other("not a regular file")));
     }
+    progress(PullEvent::Total(meta.len()));
     let mut out = crate::fsutil::create_private(dest).map_err(io(dest))?;
     let mut checker = Checker::new(what, &from, expect);
     let mut buffer = vec![0u8; 1 << 20];
@@ -188,6 +191,9 @@ pub fn fetch_url(
     runtime.block_on(async {
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(30))
+            // A server that stops sending must not hold `image add` (and
+            // the image-work lock) for ever.
+            .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|err| http(err.to_string()))?;
         let mut response = client

@@ -573,11 +573,15 @@ type Xattrs = Vec<(String, Vec<u8>)>;
 /// Linux's limits (XATTR_NAME_MAX, XATTR_SIZE_MAX).
 const XATTR_NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// What an ext4 inode's attribute block holds, roughly.
+const XATTR_TOTAL_MAX: usize = 4000;
 
 /// Namespaces an image may carry into its file system.
 fn wanted_xattr(name: &str) -> bool {
     name.starts_with("user.")
-        || name.starts_with("trusted.")
+        // overlayfs keeps its own state in trusted.overlay.*: never from
+        // an image.
+        || (name.starts_with("trusted.") && !name.starts_with("trusted.overlay."))
         || matches!(
             name,
             "security.capability" | "system.posix_acl_access" | "system.posix_acl_default"
@@ -586,6 +590,7 @@ fn wanted_xattr(name: &str) -> bool {
 
 fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Xattrs, LayerError> {
     let mut out = Vec::new();
+    let mut total = 0usize;
     let Some(extensions) = entry.pax_extensions().map_err(stream(Some(name)))? else {
         return Ok(out);
     };
@@ -607,6 +612,15 @@ fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Xattr
             });
         }
         if wanted_xattr(attr) {
+            total += attr.len() + value.len();
+            // ext4 keeps an inode's attributes in one block: more would
+            // fail in mkfs later, and unbounded ones would pile up here.
+            if total > XATTR_TOTAL_MAX {
+                return Err(LayerError::Refused {
+                    entry: name.to_owned(),
+                    reason: "its extended attributes exceed 4000 bytes in total (what one ext4 block holds)",
+                });
+            }
             out.push((attr.to_owned(), value.to_vec()));
         }
     }

@@ -30,7 +30,12 @@ impl Manager {
     /// The cache size: `max` if given, else `HANGAR_MAX_BUNDLES`, else 2.
     pub fn max_bundles(max: Option<usize>) -> Result<usize, ManagerError> {
         if let Some(max) = max {
-            return Ok(max.max(1));
+            if max == 0 {
+                return Err(ManagerError::Config(
+                    "--max-bundles 0 would evict the bundle being added; give 1 or more".into(),
+                ));
+            }
+            return Ok(max);
         }
         match std::env::var(MAX_BUNDLES_ENV) {
             Ok(text) => text

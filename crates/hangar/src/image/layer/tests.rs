@@ -767,3 +767,17 @@ fn an_oversized_extended_attribute_is_refused() {
     let err = sandbox.apply(&layer).unwrap_err().to_string();
     assert!(err.contains("over Linux's limits"), "{err}");
 }
+
+#[test]
+fn extended_attributes_fit_one_ext4_block_and_never_steer_overlayfs() {
+    let sandbox = Sandbox::new();
+    let big = "x".repeat(5000);
+    let layer = Layer::new()
+        .pax(&[("SCHILY.xattr.user.big", big.as_str())])
+        .file("f", 0o644, b"x")
+        .finish();
+    let err = sandbox.apply(&layer).unwrap_err().to_string();
+    assert!(err.contains("exceed 4000 bytes"), "{err}");
+    assert!(!wanted_xattr("trusted.overlay.opaque"));
+    assert!(wanted_xattr("trusted.app"));
+}
