@@ -252,6 +252,14 @@ fn handle(
         }
         HostMessage::CopyOut { id, path } => crate::copy::copy_out(id, path, sender.clone()),
         HostMessage::Shutdown { reboot } => shutdown(reboot, is_init, reaper),
+        HostMessage::SetIdentity { id, identity } => {
+            let errors = crate::identity::apply(&identity);
+            sender.send_message(&GuestMessage::IdentitySet {
+                id,
+                errors,
+                facts: crate::facts::gather(),
+            });
+        }
     }
 }
 

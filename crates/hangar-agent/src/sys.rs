@@ -100,10 +100,14 @@ pub fn chroot(path: &str) -> io::Result<()> {
     }
 }
 
-/// Sets a network interface up (SIOCGIFFLAGS, then SIOCSIFFLAGS with
-/// IFF_UP), like `ip link set NAME up`.
+/// Sets a network interface up, like `ip link set NAME up`.
 pub fn interface_up(name: &str) -> io::Result<()> {
-    // SAFETY: socket takes plain integers; the fd is closed below.
+    set_interface_up(name, true)
+}
+
+/// A socket for interface ioctls and an `ifreq` naming `name`.
+fn interface_request(name: &str) -> io::Result<(std::os::fd::OwnedFd, libc::ifreq)> {
+    // SAFETY: socket takes plain integers; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -118,14 +122,41 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *slot = byte as libc::c_char;
     }
+    Ok((socket, request))
+}
+
+/// Sets a network interface up or down (SIOCGIFFLAGS, then SIOCSIFFLAGS).
+pub fn set_interface_up(name: &str, up: bool) -> io::Result<()> {
+    let (socket, mut request) = interface_request(name)?;
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq; the
     // flags member of the union is the one these requests use.
     unsafe {
         if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut request) < 0 {
             return Err(io::Error::last_os_error());
         }
-        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if up {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        } else {
+            request.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+        }
         if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets an Ethernet interface's MAC address (SIOCSIFHWADDR).
+pub fn set_hardware_address(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let (socket, mut request) = interface_request(name)?;
+    // SAFETY: the hwaddr member of the union is the one SIOCSIFHWADDR
+    // reads: a sockaddr with the link type and the address bytes.
+    unsafe {
+        request.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (slot, byte) in request.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *slot = byte as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFHWADDR as _, &request) < 0 {
             return Err(io::Error::last_os_error());
         }
     }

@@ -10,73 +10,14 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::images::*;
 use common::*;
-use sha2::Digest;
 
 fn scratch(prefix: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn sha256_file(path: &Path) -> String {
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-/// The default image's kernel (a PVH vmlinux the QEMU machine boots).
-fn default_kernel(state: &Path) -> PathBuf {
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(&hangar(state, &["info", "--json"]))).unwrap();
-    PathBuf::from(info["default_image"]["kernel"].as_str().unwrap())
-}
-
-/// A busybox root file system tree that names its bundle in /etc/bundle-id.
-fn root_tree(dir: &Path, id: &str) -> PathBuf {
-    let tree = dir.join("tree");
-    for sub in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "run"] {
-        std::fs::create_dir_all(tree.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo", "grep", "test", "cut"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(tree.join("etc/bundle-id"), format!("{id}\n")).unwrap();
-    tree
-}
-
-fn run_tool(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| {
-            panic!(
-                "{program} is needed ({err}); run `make deps` (CI={:?})",
-                std::env::var("CI").ok()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        text(&out.stderr)
-    );
-}
-
-fn ext4_of(tree: &Path, out: &Path) {
-    run_tool(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            tree.to_str().unwrap(),
-            out.to_str().unwrap(),
-            "24M",
-        ],
-    );
 }
 
 fn squashfs_of(tree: &Path, out: &Path) {

@@ -24,7 +24,8 @@ pub mod transfer;
 
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FrameReader, MAGIC, MAX_PAYLOAD};
 pub use message::{
-    CopySummary, ExecRequest, ExitStatus, GuestFacts, GuestMessage, HostMessage, TtySize,
+    CopySummary, ExecRequest, ExitStatus, GuestFacts, GuestIdentity, GuestMessage, HostMessage,
+    TtySize,
 };
 
 /// Version of the wire format. Bump on any incompatible change.
@@ -32,7 +33,8 @@ pub use message::{
 /// 3: `user` and `tty` in `ExecRequest`, `Resize`, `CopyIn`/`CopyOut`/
 ///    `CopyDone` (file copy as a tar stream), boot time in the facts.
 /// 4: `StdinCredit` flow control; `token` in the host hello (vsock).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `SetIdentity` / `IdentitySet` (restore and fork).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Stdin bytes a host may send for one exec or copy before the guest
 /// acknowledges them (`GuestMessage::StdinCredit`).

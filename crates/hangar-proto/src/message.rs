@@ -131,6 +131,41 @@ pub enum HostMessage {
     CopyOut { id: u32, path: String },
     /// Flushes filesystems and powers the guest off (or reboots it).
     Shutdown { reboot: bool },
+    /// Gives a restored or forked guest its own identity (answered by
+    /// `IdentitySet`): a VM started from a snapshot is otherwise a copy of
+    /// the one the snapshot was taken from.
+    SetIdentity { id: u32, identity: GuestIdentity },
+}
+
+/// What makes a guest itself, set after a restore or fork.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestIdentity {
+    pub hostname: String,
+    /// 32 lowercase hex digits (systemd's machine-id format).
+    pub machine_id: String,
+    /// eth0's new MAC address, when the VM has a NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Random bytes from the host, hex: mixed into the guest's pool and
+    /// credited, then the kernel's generator reseeds, so forks do not share
+    /// a random stream.
+    pub entropy: String,
+    /// The host's wall clock (ns since the epoch): the guest's clock stood
+    /// still while the snapshot was on disk.
+    pub clock_unix_ns: u64,
+}
+
+/// The entropy is secret: never printed.
+impl std::fmt::Debug for GuestIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestIdentity")
+            .field("hostname", &self.hostname)
+            .field("machine_id", &self.machine_id)
+            .field("mac", &self.mac)
+            .field("entropy", &"<hidden>")
+            .field("clock_unix_ns", &self.clock_unix_ns)
+            .finish()
+    }
 }
 
 /// Guest to host.
@@ -161,6 +196,13 @@ pub enum GuestMessage {
         id: u32,
         error: Option<String>,
         summary: CopySummary,
+    },
+    /// The identity `id` was applied: `errors` lists the parts that failed
+    /// (empty when all did), `facts` are the guest's facts afterwards.
+    IdentitySet {
+        id: u32,
+        errors: Vec<String>,
+        facts: GuestFacts,
     },
     /// The host's hello named a version this agent does not speak.
     VersionMismatch { agent: u32, host: u32 },

@@ -139,6 +139,44 @@ fn clean_line(line: &str) -> String {
     out
 }
 
+/// Copies `from` to a new private file `to`, keeping holes: only the data
+/// extents are read and written (SEEK_DATA/SEEK_HOLE), so a guest's
+/// untouched RAM costs nothing. Not flushed: the caller syncs when the
+/// guest runs again.
+pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let source = std::fs::File::open(from)?;
+    let length = source.metadata()?.len();
+    let target = create_private(to)?;
+    target.set_len(length)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut position: i64 = 0;
+    let end = i64::try_from(length).map_err(std::io::Error::other)?;
+    while position < end {
+        let data = match lseek(source.as_raw_fd(), position, Whence::SeekData) {
+            Ok(offset) => offset,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(err) => return Err(err.into()),
+        };
+        let hole = lseek(source.as_raw_fd(), data, Whence::SeekHole)?.min(end);
+        let mut at = data;
+        while at < hole {
+            let want =
+                usize::try_from((hole - at).min(buffer.len() as i64)).unwrap_or(buffer.len());
+            let read = source.read_at(&mut buffer[..want], at as u64)?;
+            if read == 0 {
+                break;
+            }
+            target.write_all_at(&buffer[..read], at as u64)?;
+            at += read as i64;
+        }
+        position = hole;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +188,20 @@ mod tests {
         write_atomic(&path, b"one\r\n\x1b[0mtwo\n\nthree\n").unwrap();
         assert_eq!(tail_lines(&path, 2), vec!["two", "three"]);
         assert!(tail_lines(&dir.path().join("none"), 3).is_empty());
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_data_and_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        let file = std::fs::File::create(&from).unwrap();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(b"start", 0).unwrap();
+        file.write_all_at(b"middle", 32 << 20).unwrap();
+        super::copy_sparse(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        // Two small extents, not 64 MiB.
+        assert!(std::fs::metadata(&to).unwrap().blocks() * 512 < 4 << 20);
     }
 }

@@ -21,6 +21,10 @@
 //!   blobs-v1/tmp/               blobs being written
 //!   packages-v1/                Debian packages Hangar downloaded itself
 //!   cache-v1/accel.json         the accelerator probe's cached verdict
+//!   snapshots-v1/<id>/          a snapshot: snapshot.json, state, ram,
+//!                               disk.qcow2, ... (see snapshot/mod.rs)
+//!   snapshots-v1/lock           held while snapshots are added or removed
+//!   vms/<id>/ram                a running VM's RAM (shared file, sparse)
 //! ```
 //!
 //! The state dir comes from `--state-dir`, else `HANGAR_HOME`, else
@@ -104,6 +108,10 @@ impl Layout {
 
     pub fn cache_dir(&self) -> PathBuf {
         self.root.join("cache-v1")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots-v1")
     }
 }
 

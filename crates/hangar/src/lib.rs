@@ -18,6 +18,7 @@ pub mod manager;
 pub mod net;
 pub mod record;
 pub mod size;
+pub mod snapshot;
 pub mod spec;
 pub mod spec_file;
 pub mod store;

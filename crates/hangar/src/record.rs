@@ -227,6 +227,47 @@ pub struct VmRecord {
     /// contact and required from then on.
     #[serde(default)]
     pub ssh_host_key: Option<String>,
+    /// The root disk's writable layer in the work dir, when a snapshot
+    /// froze the first one (None: `root.qcow2`).
+    #[serde(default)]
+    pub root_layer: Option<String>,
+    /// The snapshot whose frozen disk the writable layer sits on: it cannot
+    /// be removed while this VM exists.
+    #[serde(default)]
+    pub disk_snapshot: Option<String>,
+    /// The snapshot this VM was restored or forked from.
+    #[serde(default)]
+    pub restored_from: Option<String>,
+    /// What the VM boots when it came from a snapshot (its image is not
+    /// resolved again: the snapshot's kernel and disk are what it runs).
+    #[serde(default)]
+    pub boot: Option<SavedBoot>,
+}
+
+/// A boot fixed at snapshot time: paths are absolute in a VM record and
+/// file names inside the snapshot's folder in a snapshot record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBoot {
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub root_disk: Option<SavedDisk>,
+    /// Booted with qboot (a kernel) rather than SeaBIOS (a disk).
+    #[serde(default)]
+    pub firmware_boot: bool,
+}
+
+/// The root disk of a saved boot: a frozen writable layer (qcow2) or a
+/// read-only base.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    pub path: PathBuf,
+    pub format: crate::image::disk::DiskFormat,
+    pub read_only: bool,
 }
 
 fn schema_one() -> u32 {
@@ -275,7 +316,17 @@ impl VmRecord {
             mac: None,
             ports: Vec::new(),
             ssh_host_key: None,
+            root_layer: None,
+            disk_snapshot: None,
+            restored_from: None,
+            boot: None,
         }
+    }
+
+    /// The root disk's writable layer (qcow2) in the work dir.
+    pub fn root_layer_path(&self) -> PathBuf {
+        self.work_dir
+            .join(self.root_layer.as_deref().unwrap_or("root.qcow2"))
     }
 
     /// Records that the VMM is gone: the end state, why, and the console's

@@ -180,7 +180,7 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
 }
 
 /// Left-aligned columns as wide as their widest cell.
-fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+pub(super) fn print_rows(header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
     use std::io::Write;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_exec;
+mod bench_snapshot;
 mod console;
 mod control;
 mod copy;
@@ -10,6 +11,7 @@ mod image;
 mod lifecycle;
 mod run;
 mod show;
+mod snapshot;
 mod up;
 
 use anyhow::{bail, Context};
@@ -39,6 +41,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Console(args) => console::console(global, args),
         Command::Info => show::info(global),
         Command::Image(command) => image::image(global, command),
+        Command::Snapshot(command) => snapshot::snapshot(global, command),
+        Command::Restore(args) => snapshot::restore(global, args),
+        Command::Fork(args) => snapshot::fork(global, args),
         Command::Pull(args) => image::pull(global, args),
         Command::Agent(args) => show::export_agent(global, &args.output),
         Command::Gc => show::gc(global),

@@ -114,6 +114,10 @@ pub fn gc(global: &Global) -> anyhow::Result<u8> {
         list(&report.removed_orphan_dirs)
     );
     println!("removed stale image builds: {}", list(&report.removed_tmp));
+    println!(
+        "removed unfinished snapshots: {}",
+        list(&report.removed_unfinished_snapshots)
+    );
     Ok(0)
 }
 

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod images;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -29,6 +29,24 @@ pub struct LaunchPlan {
     pub cpus: u32,
     pub memory: ByteSize,
     pub accel: Accel,
+    /// What backs guest RAM.
+    pub guest_memory: GuestMemory,
+    /// Start paused and wait for a saved state (a restore): the caller
+    /// then calls [`Snapshotting::receive`].
+    pub incoming: bool,
+}
+
+/// What backs a VM's RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// A file of the VM's own, shared with the VMM, so a snapshot of it
+    /// is a copy of that file plus the device state. (Also what a saved
+    /// state that carries its RAM is loaded into.)
+    #[default]
+    Own,
+    /// A snapshot's RAM file, mapped copy-on-write: every VM restored from
+    /// the snapshot shares its pages until it writes them.
+    Snapshot(PathBuf),
 }
 
 /// A base root file system image, shared by every VM that boots it and
@@ -135,6 +153,77 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn as_pausable(&self) -> Option<&dyn Pausable> {
         None
     }
+
+    /// Capability: snapshots and restores.
+    fn as_snapshotting(&self) -> Option<&dyn Snapshotting> {
+        None
+    }
+}
+
+/// Where a snapshot's files go, and what the VM's disk does.
+#[derive(Clone, Debug)]
+pub struct SnapshotTarget {
+    /// The snapshot's folder (exists, empty).
+    pub dir: PathBuf,
+    /// The root disk's writable layer now (in the VM's work dir), frozen
+    /// into `dir/disk.qcow2`, and the new layer the VM goes on with.
+    pub disk: Option<DiskFreeze>,
+    /// Stop the VMM after saving instead of letting the guest run on.
+    pub stop_after: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct DiskFreeze {
+    pub current: PathBuf,
+    pub next: PathBuf,
+    /// A name for the new layer, unique in the VMM.
+    pub node: String,
+}
+
+/// What a snapshot holds, as saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotTaken {
+    /// The RAM is in `dir/ram` (else inside `dir/state`).
+    pub ram_file: bool,
+    /// How long the guest was paused.
+    pub paused: Duration,
+    /// The VMM's version, which a restore must match.
+    pub vmm_version: String,
+    /// Size of a cloud-init seed attached to this boot: a restore needs a
+    /// disk of that size in its place.
+    pub seed_bytes: Option<u64>,
+}
+
+/// Capability: save a running VM (memory, devices, disk) and start VMs from
+/// what was saved.
+pub trait Snapshotting {
+    /// Pauses the VM, freezes its disk layer, saves devices and memory
+    /// into `target.dir`, then resumes it (or ends it with `stop_after`).
+    /// The guest runs on after a failure too.
+    fn snapshot(
+        &self,
+        vm: &VmRecord,
+        target: &SnapshotTarget,
+    ) -> Result<SnapshotTaken, BackendError>;
+
+    /// Feeds the saved device state to a VMM launched with `incoming` and
+    /// lets the guest run, within `timeout`. Refused unless the VMM's
+    /// version is the one that saved it.
+    fn receive(
+        &self,
+        vm: &VmRecord,
+        saved: &SavedState<'_>,
+        timeout: Duration,
+    ) -> Result<(), BackendError>;
+}
+
+/// A snapshot's saved state, as a restore feeds it to a new VMM.
+#[derive(Clone, Copy, Debug)]
+pub struct SavedState<'a> {
+    pub state: &'a std::path::Path,
+    /// The RAM is in its own file (else inside `state`).
+    pub ram_file: bool,
+    pub vmm_version: &'a str,
 }
 
 /// Capability: stop and continue the vCPUs.

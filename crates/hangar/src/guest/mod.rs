@@ -19,6 +19,7 @@ use socket2::Socket;
 mod copy;
 mod credit;
 mod exec;
+pub mod identity;
 pub mod ssh;
 pub mod transport;
 

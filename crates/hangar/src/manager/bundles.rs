@@ -101,10 +101,9 @@ impl Manager {
     /// Bundles VMs use (and so may not be evicted or changed).
     fn pinned_bundles(&self) -> Result<BTreeSet<String>, ManagerError> {
         Ok(self
-            .store
-            .list()?
+            .image_users()?
             .into_iter()
-            .filter_map(|vm| match vm.spec.image {
+            .filter_map(|(_, image)| match image {
                 ImageSource::Bundle { id } => Some(id),
                 _ => None,
             })
@@ -113,11 +112,10 @@ impl Manager {
 
     fn bundle_users(&self, id: &str) -> Result<Vec<String>, ManagerError> {
         Ok(self
-            .store
-            .list()?
+            .image_users()?
             .into_iter()
-            .filter(|vm| matches!(&vm.spec.image, ImageSource::Bundle { id: used } if used == id))
-            .map(|vm| vm.name)
+            .filter(|(_, image)| matches!(image, ImageSource::Bundle { id: used } if used == id))
+            .map(|(user, _)| user)
             .collect())
     }
 

@@ -42,11 +42,10 @@ impl Manager {
     /// needs the image as its backing file).
     pub(super) fn remove_disk_image(&self, name: &str) -> Result<DiskRecord, ManagerError> {
         let users: Vec<String> = self
-            .store
-            .list()?
+            .image_users()?
             .into_iter()
-            .filter(|vm| matches!(&vm.spec.image, ImageSource::Disk { name: used } if used == name))
-            .map(|vm| vm.name)
+            .filter(|(_, image)| matches!(image, ImageSource::Disk { name: used } if used == name))
+            .map(|(user, _)| user)
             .collect();
         if !users.is_empty() {
             return Err(ManagerError::ImageInUse {

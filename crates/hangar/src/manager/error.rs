@@ -86,6 +86,8 @@ pub enum ManagerError {
     Seed(#[from] crate::cloudinit::SeedError),
     #[error(transparent)]
     Disk(#[from] crate::image::disk::DiskError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("VM {name}: {source}")]
     Ssh {
         name: String,

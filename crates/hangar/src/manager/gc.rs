@@ -25,6 +25,8 @@ pub struct GcReport {
     pub removed_orphan_dirs: Vec<String>,
     /// Leftovers of interrupted image builds, removed.
     pub removed_tmp: Vec<String>,
+    /// Snapshot folders of interrupted creates and imports, removed.
+    pub removed_unfinished_snapshots: Vec<String>,
 }
 
 impl Manager {
@@ -103,6 +105,26 @@ impl Manager {
                 report
                     .removed_tmp
                     .push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // Creates and imports hold the lock from the folder's creation to
+        // the record's: under it, a folder without a record is a leftover.
+        let snapshots = self.snapshot_store();
+        let _lock = snapshots.lock()?;
+        let (_, unreadable) = snapshots.scan()?;
+        for folder in unreadable {
+            let finished = folder
+                .dir
+                .join(crate::snapshot::store::RECORD_FILE)
+                .exists();
+            if !finished && std::fs::remove_dir_all(&folder.dir).is_ok() {
+                report.removed_unfinished_snapshots.push(
+                    folder
+                        .dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                );
             }
         }
         Ok(report)

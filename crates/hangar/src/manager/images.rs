@@ -77,11 +77,12 @@ impl Manager {
         }
         let record = self.image(reference)?;
         let users: Vec<String> = self
-            .store
-            .list()?
+            .image_users()?
             .into_iter()
-            .filter(|vm| image_digest(vm).as_deref() == Some(record.manifest_digest.as_str()))
-            .map(|vm| vm.name)
+            .filter(|(_, image)| {
+                image_digest(image).as_deref() == Some(record.manifest_digest.as_str())
+            })
+            .map(|(user, _)| user)
             .collect();
         if !users.is_empty() {
             return Err(ManagerError::ImageInUse {
@@ -251,9 +252,26 @@ pub struct ImageGcReport {
 }
 
 /// The manifest digest a VM's image is pinned to.
-fn image_digest(vm: &VmRecord) -> Option<String> {
-    match &vm.spec.image {
+fn image_digest(image: &ImageSource) -> Option<String> {
+    match image {
         ImageSource::Oci { reference } => reference.split_once('@').map(|(_, d)| d.to_owned()),
         _ => None,
+    }
+}
+
+impl Manager {
+    /// Who uses which image: every VM (by name) and every snapshot (as
+    /// `snapshot NAME`). An image in this list may not be removed.
+    pub(super) fn image_users(&self) -> Result<Vec<(String, ImageSource)>, ManagerError> {
+        let mut users: Vec<(String, ImageSource)> = self
+            .store
+            .list()?
+            .into_iter()
+            .map(|vm| (vm.name, vm.spec.image))
+            .collect();
+        for snapshot in self.snapshot_store().list()? {
+            users.push((format!("snapshot {}", snapshot.name), snapshot.spec.image));
+        }
+        Ok(users)
     }
 }

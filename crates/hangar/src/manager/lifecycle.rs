@@ -52,11 +52,24 @@ impl Manager {
         &mut self,
         record: VmRecord,
     ) -> Result<(VmRecord, Option<AgentClient>), ManagerError> {
+        self.start_record_from(record, None)
+    }
+
+    /// Starts `record`, cold or (with `incoming`) from a snapshot's saved
+    /// state, which then gets its new identity before it counts as ready.
+    pub(super) fn start_record_from(
+        &mut self,
+        record: VmRecord,
+        incoming: Option<super::restore::Incoming>,
+    ) -> Result<(VmRecord, Option<AgentClient>), ManagerError> {
         if !record.state.valid_transition(VmState::Starting) {
             let mut probe = record.clone();
             transition(&mut probe, VmState::Starting, "start it")?;
         }
-        let plan = self.plan(&record)?;
+        let mut plan = self.plan(&record)?;
+        if let Some(incoming) = &incoming {
+            incoming.adjust(&mut plan);
+        }
         // A create interrupted between record and dir leaves no dir.
         crate::layout::create_private_dir(&record.work_dir)?;
         let id = record.id.clone();
@@ -123,7 +136,17 @@ impl Manager {
         let started = Instant::now();
         let (pid, pid_start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, pid_start);
-        match AgentClient::connect_any(&sockets, timeout, timeout, &mut check) {
+        let connected = match &incoming {
+            Some(incoming) => self
+                .receive_state(&record, incoming, timeout)
+                .and_then(|()| AgentClient::connect_any(&sockets, timeout, timeout, &mut check))
+                .and_then(|mut client| {
+                    incoming.apply_identity(&mut client, timeout, &mut check)?;
+                    Ok(client)
+                }),
+            None => AgentClient::connect_any(&sockets, timeout, timeout, &mut check),
+        };
+        match connected {
             Ok(client) => match self
                 .keep_vsock_token(&record, client.facts().clone())
                 .and_then(|facts| self.mark_running(&id, Some(facts)))
@@ -205,13 +228,15 @@ impl Manager {
             .as_ref()
             .map(|r| self.console_tail(r))
             .unwrap_or_default();
-        self.store.update(id, |r| {
-            if r.state != state {
-                transition(r, state, "record its end")?;
-            }
-            r.mark_ended(state, reason, console);
-            Ok::<_, ManagerError>(())
-        })
+        self.store
+            .update(id, |r| {
+                if r.state != state {
+                    transition(r, state, "record its end")?;
+                }
+                r.mark_ended(state, reason, console);
+                Ok::<_, ManagerError>(())
+            })
+            .inspect(drop_ram_file)
     }
 
     /// Stops a running VM: agent power-off, then ACPI, SIGTERM, SIGKILL.
@@ -328,4 +353,10 @@ pub(super) fn vmm_alive_check(pid: u32, start: Option<u64>) -> Result<(), String
         return Err(format!("the VMM process {pid} exited"));
     }
     Ok(())
+}
+
+/// A stopped VM's RAM file is garbage (and the guest's memory): removed
+/// once the VMM is gone.
+pub(super) fn drop_ram_file(record: &VmRecord) {
+    let _ = std::fs::remove_file(crate::backend::qemu::snapshot::ram_path(&record.work_dir));
 }

@@ -12,7 +12,9 @@ mod images;
 mod lifecycle;
 mod plan;
 mod reconcile;
+mod restore;
 mod run;
+mod snapshots;
 mod ssh;
 mod up;
 
@@ -32,7 +34,9 @@ pub use error::ManagerError;
 pub use filter::ListFilter;
 pub use gc::GcReport;
 pub use images::ImageGcReport;
+pub use restore::RestoreOptions;
 pub use run::RunOutcome;
+pub use snapshots::SnapshotOptions;
 pub use up::{UpAction, UpChange};
 
 /// How many console lines are kept with a VM that ended on its own, and
@@ -431,6 +435,11 @@ pub fn new_id() -> Result<String, ManagerError> {
     // The id doubles as the VM's MAC address: make it a valid local one.
     bytes[0] = crate::net::local_unicast(bytes[0]);
     Ok(hex::encode(bytes))
+}
+
+/// Whether `id` has the shape of a Hangar id (12 lowercase hex digits).
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 12 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]

@@ -21,11 +21,27 @@ impl Manager {
             cpus: record.spec.cpus,
             memory: record.spec.memory,
             accel: Accel::Tcg,
+            guest_memory: crate::backend::GuestMemory::Own,
+            incoming: false,
         };
         if record.backend == BackendKind::Noop {
             return Ok(plan);
         }
         plan.accel = self.accelerator()?.accel;
+        if let Some(boot) = &record.boot {
+            // From a snapshot: what the snapshot booted, under this VM's
+            // name (for a cold start; a restore replaces the whole guest).
+            plan.kernel = boot.kernel.clone();
+            plan.initramfs = boot.initramfs.clone();
+            plan.cmdline = with_hostname(&boot.cmdline, &record.name);
+            plan.root_disk = boot.root_disk.as_ref().map(|disk| RootDisk {
+                base: disk.path.clone(),
+                format: disk.format,
+                read_only: disk.read_only,
+                size: record.spec.disk_size.map(|size| size.0),
+            });
+            return Ok(plan);
+        }
         let mut bundle_args = None;
         let (image, root_disk) = match &record.spec.image {
             ImageSource::Default => (self.default_image()?, None),
@@ -105,5 +121,27 @@ impl Manager {
         plan.root_disk = root_disk;
         plan.cmdline = cmdline;
         Ok(plan)
+    }
+}
+
+/// `cmdline` with its `hangar.hostname=` set to `name`.
+fn with_hostname(cmdline: &str, name: &str) -> String {
+    let mut words: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|word| !word.starts_with("hangar.hostname="))
+        .map(str::to_owned)
+        .collect();
+    words.push(format!("hangar.hostname={name}"));
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_saved_cmdline_gets_the_new_name() {
+        assert_eq!(
+            super::with_hostname("console=ttyS0 hangar.hostname=web quiet", "web-2"),
+            "console=ttyS0 quiet hangar.hostname=web-2"
+        );
     }
 }

@@ -101,14 +101,20 @@ impl Manager {
         console: Vec<String>,
     ) -> Result<VmRecord, ManagerError> {
         let observed = (record.state, record.pid, record.owner);
-        self.store.update(&record.id, |r| {
-            if (r.state, r.pid, r.owner) != observed {
-                return Ok(());
-            }
-            super::lifecycle::transition(r, state, "record its end")?;
-            r.mark_ended(state, reason, console);
-            Ok::<_, ManagerError>(())
-        })
+        self.store
+            .update(&record.id, |r| {
+                if (r.state, r.pid, r.owner) != observed {
+                    return Ok(());
+                }
+                super::lifecycle::transition(r, state, "record its end")?;
+                r.mark_ended(state, reason, console);
+                Ok::<_, ManagerError>(())
+            })
+            .inspect(|r| {
+                if r.pid.is_none() {
+                    super::lifecycle::drop_ram_file(r);
+                }
+            })
     }
 }
 

@@ -40,6 +40,20 @@ pub struct QemuArgs {
     pub seed: Option<PathBuf>,
     /// More disks, after the seed.
     pub data_disks: Vec<Disk>,
+    /// Guest RAM in a file (see [`MemoryFile`]); None: anonymous memory.
+    pub memory_file: Option<MemoryFile>,
+    /// Start paused, waiting for a migration stream (`migrate-incoming`).
+    pub incoming: bool,
+}
+
+/// Guest RAM backed by a file. Shared: the file is the RAM, so a snapshot
+/// needs only the device state beside a copy of it. Private: the file is a
+/// snapshot's RAM mapped copy-on-write, so VMs restored from one snapshot
+/// share its pages until they write them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    pub shared: bool,
 }
 
 /// A virtio disk.
@@ -70,7 +84,17 @@ impl QemuArgs {
         let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
         push(&["-name", &self.name]);
         push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        let machine = format!("q35,accel={}", self.accel);
+        let mut machine = format!("q35,accel={}", self.accel);
+        if let Some(memory) = &self.memory_file {
+            machine.push_str(",memory-backend=ram0");
+            let backend = format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={}",
+                self.memory_mib,
+                escape(&memory.path),
+                if memory.shared { "on" } else { "off" }
+            );
+            push(&["-object", &backend]);
+        }
         push(&["-machine", &machine]);
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
@@ -176,6 +200,9 @@ impl QemuArgs {
         if let Some(cid) = self.vsock_cid {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
         push(&["-no-reboot"]);
         push(&["-daemonize", "-pidfile", &self.pidfile.to_string_lossy()]);
         args.into_iter().map(OsString::from).collect()
@@ -207,7 +234,31 @@ mod tests {
             root_disk: None,
             seed: None,
             data_disks: Vec::new(),
+            memory_file: None,
+            incoming: false,
         }
+    }
+
+    #[test]
+    fn guest_ram_can_live_in_a_file() {
+        let mut with = args();
+        with.memory_file = Some(MemoryFile {
+            path: "/snap/r,am".into(),
+            shared: false,
+        });
+        with.incoming = true;
+        let joined = with
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("-object memory-backend-file,id=ram0,size=512M,mem-path=/snap/r,,am,share=off -machine q35,accel=tcg,memory-backend=ram0"),
+            "{joined}"
+        );
+        assert!(joined.contains("-incoming defer"));
+        assert!(!args().to_argv().iter().any(|a| a == "-incoming"));
     }
 
     #[test]

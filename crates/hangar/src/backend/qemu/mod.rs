@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod argv;
 pub mod qmp;
+pub mod snapshot;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use nix::sys::signal::Signal;
 
 use super::process;
 use super::{
-    Backend, BackendError, LaunchPlan, Launched, Pausable, StopOutcome, StopRequest, VmmStatus,
+    Backend, BackendError, GuestMemory, LaunchPlan, Launched, Pausable, Snapshotting, StopOutcome,
+    StopRequest, VmmStatus,
 };
 use crate::guest::AgentEndpoint;
 use crate::record::{BackendKind, Sockets, VmRecord};
@@ -237,7 +239,7 @@ impl Backend for QemuBackend {
                     read_only: true,
                 }),
                 Some(disk) => Some(argv::Disk {
-                    path: root_overlay(disk, &vm.work_dir)?,
+                    path: root_overlay(disk, &vm.root_layer_path())?,
                     format: "qcow2",
                     read_only: false,
                 }),
@@ -245,6 +247,8 @@ impl Backend for QemuBackend {
             },
             seed: plan.seed.clone(),
             data_disks: data_disks(vm)?,
+            memory_file: memory_file(&plan.guest_memory, &vm.work_dir)?,
+            incoming: plan.incoming,
         };
         let log_path = vm.work_dir.join("qemu.log");
         let mut ports = Vec::new();
@@ -351,6 +355,33 @@ impl Backend for QemuBackend {
     fn as_pausable(&self) -> Option<&dyn Pausable> {
         Some(self)
     }
+
+    fn as_snapshotting(&self) -> Option<&dyn Snapshotting> {
+        Some(self)
+    }
+}
+
+/// Guest RAM: the VM's own shared file (new for each boot, 0600: it holds
+/// the guest's memory), or a snapshot's file mapped privately.
+fn memory_file(
+    memory: &GuestMemory,
+    work_dir: &Path,
+) -> Result<Option<argv::MemoryFile>, BackendError> {
+    match memory {
+        GuestMemory::Own => {
+            let path = snapshot::ram_path(work_dir);
+            let _ = std::fs::remove_file(&path);
+            crate::fsutil::create_private(&path).map_err(|source| BackendError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Some(argv::MemoryFile { path, shared: true }))
+        }
+        GuestMemory::Snapshot(path) => Ok(Some(argv::MemoryFile {
+            path: path.clone(),
+            shared: false,
+        })),
+    }
 }
 
 impl Pausable for QemuBackend {
@@ -365,8 +396,8 @@ impl Pausable for QemuBackend {
 
 /// The VM's copy-on-write overlay of `base`, made on its first start and
 /// kept across restarts (like a container's writable layer).
-fn root_overlay(disk: &crate::backend::RootDisk, work_dir: &Path) -> Result<PathBuf, BackendError> {
-    let overlay = work_dir.join("root.qcow2");
+fn root_overlay(disk: &crate::backend::RootDisk, layer: &Path) -> Result<PathBuf, BackendError> {
+    let overlay = layer.to_path_buf();
     if overlay.is_file() {
         return Ok(overlay);
     }

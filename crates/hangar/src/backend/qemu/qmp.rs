@@ -98,6 +98,47 @@ impl QmpClient {
         self.writer
             .write_all(request.as_bytes())
             .map_err(|e| self.error(format!("send {name}: {e}")))?;
+        self.answer(name)
+    }
+
+    /// Runs a command with arguments.
+    pub fn call_with(&mut self, name: &str, arguments: Value) -> Result<Value, BackendError> {
+        let request = json!({ "execute": name, "arguments": arguments }).to_string() + "\n";
+        self.writer
+            .write_all(request.as_bytes())
+            .map_err(|e| self.error(format!("send {name}: {e}")))?;
+        self.answer(name)
+    }
+
+    /// Hands QEMU an open file under `name` (`getfd` with the descriptor
+    /// passed as SCM_RIGHTS): migration then reads or writes it as
+    /// `fd:NAME`, and no path or shell is involved.
+    pub fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), BackendError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let request =
+            json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string() + "\n";
+        let fds = [fd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(request.as_bytes())];
+        let sent = sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| self.error(format!("send getfd: {e}")))?;
+        if sent != request.len() {
+            return Err(self.error("getfd: short write".into()));
+        }
+        self.answer("getfd").map(drop)
+    }
+
+    fn answer(&mut self, name: &str) -> Result<Value, BackendError> {
         loop {
             let message = self.read_message()?;
             if message.get("event").is_some() {

@@ -1,0 +1,175 @@
+//! A new identity for a guest restored or forked from a snapshot: hostname,
+//! machine-id, eth0's MAC, a reseeded random pool and the host's clock.
+//! Each part is tried even when an earlier one failed; the host gets the
+//! list of what failed.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use hangar_proto::GuestIdentity;
+
+/// Applies `identity`; returns the parts that failed, as messages.
+pub fn apply(identity: &GuestIdentity) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut attempt = |what: &str, result: io::Result<()>| {
+        if let Err(err) = result {
+            crate::log(&format!("identity: {what}: {err}"));
+            errors.push(format!("{what}: {err}"));
+        }
+    };
+    // The clock first: everything after is stamped with the right time.
+    attempt("clock", set_clock(identity.clock_unix_ns));
+    attempt("entropy", reseed(&identity.entropy));
+    attempt("hostname", set_hostname(&identity.hostname));
+    attempt("machine-id", write_machine_id(&identity.machine_id));
+    if let Some(mac) = &identity.mac {
+        attempt("mac", set_mac("eth0", mac));
+    }
+    errors
+}
+
+fn set_hostname(name: &str) -> io::Result<()> {
+    crate::sys::set_hostname(name)?;
+    // Keep /etc/hostname in step where the guest has one.
+    let path = std::path::Path::new("/etc/hostname");
+    if path.is_file() && !path.is_symlink() {
+        std::fs::write(path, format!("{name}\n"))?;
+    }
+    Ok(())
+}
+
+/// Writes /etc/machine-id (and D-Bus's copy when it is a file of its own).
+fn write_machine_id(id: &str) -> io::Result<()> {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(io::Error::other("not 32 hex digits"));
+    }
+    if !std::path::Path::new("/etc").is_dir() {
+        return Ok(());
+    }
+    let path = std::path::Path::new("/etc/machine-id");
+    if path.is_symlink() {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::write(path, format!("{id}\n"))?;
+    let dbus = std::path::Path::new("/var/lib/dbus/machine-id");
+    if dbus.is_file() && !dbus.is_symlink() {
+        std::fs::write(dbus, format!("{id}\n"))?;
+    }
+    Ok(())
+}
+
+fn set_clock(unix_ns: u64) -> io::Result<()> {
+    let time = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads one timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &time) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// RNDADDENTROPY (_IOW('R', 0x03, int[2])) and RNDRESEEDCRNG (_IO('R', 0x07)).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes the host's bytes into the pool, credits them, and makes the
+/// kernel's generator reseed now rather than at its next interval.
+fn reseed(entropy_hex: &str) -> io::Result<()> {
+    let bytes = hex_decode(entropy_hex).ok_or_else(|| io::Error::other("entropy is not hex"))?;
+    if bytes.len() < 32 || bytes.len() > 512 {
+        return Err(io::Error::other("entropy must be 32 to 512 bytes"));
+    }
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut request = Vec::with_capacity(8 + bytes.len());
+    request.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    request.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    request.extend_from_slice(&bytes);
+    // SAFETY: the buffer holds the header and `buf_size` bytes the kernel
+    // reads; it outlives the call.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, request.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for slot in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *slot = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Changes `name`'s hardware address (SIOCSIFHWADDR). virtio-net takes it
+/// live; a driver that refuses while up (EBUSY) gets it with the link down
+/// for a moment, and then the network is set up again.
+fn set_mac(name: &str, mac: &str) -> io::Result<()> {
+    let mac = parse_mac(mac).ok_or_else(|| io::Error::other("not a MAC address"))?;
+    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Err(io::Error::other(format!("no {name}")));
+    }
+    match crate::sys::set_hardware_address(name, mac) {
+        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+            crate::sys::set_interface_up(name, false)?;
+            let result = crate::sys::set_hardware_address(name, mac);
+            crate::sys::set_interface_up(name, true)?;
+            crate::net::configure(crate::cmdline::KernelCmdline::read().value("hangar.net"));
+            result
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_and_hex_are_parsed_strictly() {
+        assert_eq!(
+            parse_mac("02:aB:00:00:00:ff"),
+            Some([2, 0xab, 0, 0, 0, 0xff])
+        );
+        for bad in [
+            "02:ab:00:00:00",
+            "02:ab:00:00:00:ff:00",
+            "2:ab:00:00:00:ff",
+            "zz:ab:00:00:00:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert_eq!(hex_decode("00ff"), Some(vec![0, 255]));
+        assert_eq!(hex_decode("0"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
+
+    #[test]
+    fn a_malformed_machine_id_is_refused() {
+        assert!(write_machine_id("../../etc/passwd").is_err());
+        assert!(write_machine_id("abc").is_err());
+    }
+}

@@ -1,0 +1,465 @@
+//! `restore` and `fork`: VMs started from a snapshot's saved state, each
+//! with a new identity (id, MAC, hostname, machine-id, random pool, clock).
+//! Forks run in parallel, each with its own manager (store connection).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Manager, ManagerError, ManagerOptions};
+use crate::backend::{GuestMemory, LaunchPlan};
+use crate::guest::identity::new_identity;
+use crate::guest::{AgentClient, Check, GuestError};
+use crate::record::{SavedBoot, SavedDisk, VmRecord};
+use crate::size::ByteSize;
+use crate::snapshot::{MemoryForm, SnapshotRecord};
+use crate::spec::NetworkSpec;
+
+/// How a restored VM may differ from its snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// The new VM's name (default: the snapshot's name and a number).
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    /// The guest's hostname (default: the new VM's name).
+    pub hostname: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<ByteSize>,
+    /// A bigger root disk than the snapshot's.
+    pub disk_size: Option<ByteSize>,
+}
+
+/// How long the guest may take to apply its new identity.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(20);
+/// The most forks one call starts.
+pub const MAX_FORKS: usize = 64;
+
+/// What a start from a snapshot needs beyond a cold start.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    state: PathBuf,
+    memory: MemoryForm,
+    ram: PathBuf,
+    /// Stands in for the seed disk the snapshot's boot had.
+    seed: Option<PathBuf>,
+    hostname: String,
+    /// The VM's own MAC, when it has a NIC.
+    mac: Option<String>,
+    vmm_version: String,
+}
+
+impl Incoming {
+    /// The launch: paused, waiting for the state, RAM from the snapshot.
+    pub(super) fn adjust(&self, plan: &mut LaunchPlan) {
+        plan.incoming = true;
+        plan.guest_memory = match self.memory {
+            MemoryForm::File => GuestMemory::Snapshot(self.ram.clone()),
+            // The stream carries the RAM: into a file of the VM's own.
+            MemoryForm::Stream => GuestMemory::Own,
+        };
+        plan.seed = self.seed.clone();
+    }
+
+    /// Sends the new identity and checks every part was applied.
+    pub(super) fn apply_identity(
+        &self,
+        client: &mut AgentClient,
+        timeout: Duration,
+        check: Check<'_>,
+    ) -> Result<(), GuestError> {
+        let identity =
+            new_identity(&self.hostname, self.mac.clone()).map_err(|err| GuestError::Aborted {
+                reason: format!("cannot make an identity: {err}"),
+            })?;
+        let applied = client.set_identity(identity, timeout.min(IDENTITY_TIMEOUT), check)?;
+        if !applied.errors.is_empty() {
+            return Err(GuestError::Aborted {
+                reason: format!(
+                    "the guest could not take its new identity: {}",
+                    applied.errors.join("; ")
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// A VM running again from `snapshot`, ready for exec.
+    pub fn restore(
+        &mut self,
+        snapshot: &str,
+        options: &RestoreOptions,
+    ) -> Result<VmRecord, ManagerError> {
+        if let Some(hostname) = options.hostname.as_deref() {
+            if !crate::spec::is_valid_name(hostname) {
+                return Err(ManagerError::Config(format!(
+                    "--hostname {hostname:?}: use 1 to 63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+                )));
+            }
+        }
+        let snapshot = self.snapshot_store().find(snapshot)?;
+        self.check_restorable(&snapshot, options)?;
+        let name = match &options.name {
+            Some(name) => name.clone(),
+            None => self
+                .free_names(&snapshot.name, 1, options.namespace.as_deref())?
+                .remove(0),
+        };
+        let record = self.create_restored(&snapshot, &name, options)?;
+        self.start_restored(record, &snapshot, options)
+    }
+
+    /// `count` VMs from one snapshot, started in parallel; their memory is
+    /// the snapshot's, shared copy-on-write. All or nothing: when one
+    /// fails, the others are removed and the first error is returned.
+    pub fn fork(
+        &mut self,
+        snapshot: &str,
+        count: usize,
+        options: &RestoreOptions,
+    ) -> Result<Vec<VmRecord>, ManagerError> {
+        if count == 0 || count > MAX_FORKS {
+            return Err(ManagerError::Config(format!(
+                "--count {count}: give 1 to {MAX_FORKS}"
+            )));
+        }
+        if options.name.is_some() || options.hostname.is_some() {
+            return Err(ManagerError::Config(
+                "fork names its VMs SNAPSHOT-fork-N (hostnames alike); --name and --hostname are for restore".into(),
+            ));
+        }
+        let snapshot = self.snapshot_store().find(snapshot)?;
+        self.check_restorable(&snapshot, options)?;
+        let prefix = format!("{}-fork", snapshot.name);
+        let names = self.free_names(&prefix, count, options.namespace.as_deref())?;
+        let mut records = Vec::new();
+        for name in &names {
+            match self.create_restored(&snapshot, name, options) {
+                Ok(record) => records.push(record),
+                Err(err) => {
+                    self.discard(&records);
+                    return Err(err);
+                }
+            }
+        }
+        let accel = self.accelerator()?.accel;
+        let manager_options = ManagerOptions {
+            state_dir: Some(self.layout.root().to_path_buf()),
+            accel: Some(accel),
+        };
+        let results: Vec<Result<VmRecord, ManagerError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = records
+                .iter()
+                .map(|record| {
+                    let (record, snapshot, options) =
+                        (record.clone(), snapshot.clone(), options.clone());
+                    let manager_options = manager_options.clone();
+                    scope.spawn(move || {
+                        let mut manager = Manager::open(manager_options)?;
+                        manager.start_restored(record, &snapshot, &options)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| {
+                    handle.join().unwrap_or_else(|_| {
+                        Err(ManagerError::Config("a fork's thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut started = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(record) => started.push(record),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(started),
+            Some(err) => {
+                self.discard(&records);
+                Err(err)
+            }
+        }
+    }
+
+    /// Removes VMs a failed fork made.
+    fn discard(&mut self, records: &[VmRecord]) {
+        for record in records {
+            let _ = self.remove(Some(&record.namespace), &record.id, true);
+        }
+    }
+
+    /// Refuses what cannot work before anything is made: another backend,
+    /// accelerator, VMM or agent version, or smaller resources.
+    fn check_restorable(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        options: &RestoreOptions,
+    ) -> Result<(), ManagerError> {
+        let refuse = |why: String| {
+            Err(ManagerError::Config(format!(
+                "snapshot {}: {why}",
+                snapshot.name
+            )))
+        };
+        // The VMM's version is checked by the VMM that loads it.
+        self.snapshotting_for(snapshot.backend)?;
+        let accel = self.accelerator()?.accel;
+        if accel != snapshot.accel {
+            return refuse(format!(
+                "taken under {}, this host runs VMs under {accel}; saved device state does not move between accelerators (set HANGAR_ACCEL={})",
+                snapshot.accel, snapshot.accel
+            ));
+        }
+        if snapshot.agent_protocol != hangar_proto::PROTOCOL_VERSION {
+            return refuse(format!(
+                "its guest agent speaks protocol {}, this hangar {}; use a matching hangar",
+                snapshot.agent_protocol,
+                hangar_proto::PROTOCOL_VERSION
+            ));
+        }
+        let needs = &snapshot.resources;
+        if let Some(cpus) = options.cpus.filter(|c| *c != needs.cpus) {
+            return refuse(format!(
+                "--cpus {cpus}: the guest was saved with {} vCPUs and resumes with exactly those",
+                needs.cpus
+            ));
+        }
+        if let Some(memory) = options.memory.filter(|m| *m != needs.memory) {
+            return refuse(format!(
+                "--memory {memory}: the guest was saved with {} of RAM and resumes with exactly that (its memory map is part of the snapshot)",
+                needs.memory
+            ));
+        }
+        if let (Some(size), Some(needed)) = (options.disk_size, needs.disk_bytes) {
+            if size.0 < needed {
+                return refuse(format!(
+                    "--disk {size} is smaller than the snapshot's disk ({}); give at least that",
+                    ByteSize(needed)
+                ));
+            }
+        }
+        if snapshot.boot.root_disk.is_none() && options.disk_size.is_some() {
+            return refuse("--disk: the snapshot's VM has no root disk".into());
+        }
+        Ok(())
+    }
+
+    fn snapshotting_for(
+        &self,
+        kind: crate::record::BackendKind,
+    ) -> Result<&dyn crate::backend::Snapshotting, ManagerError> {
+        self.backend(kind)?.as_snapshotting().ok_or_else(|| {
+            ManagerError::Config(format!("the {kind} backend cannot restore snapshots"))
+        })
+    }
+
+    /// `count` VM names `PREFIX-N` not in use in the namespace.
+    fn free_names(
+        &mut self,
+        prefix: &str,
+        count: usize,
+        namespace: Option<&str>,
+    ) -> Result<Vec<String>, ManagerError> {
+        let namespace = namespace.unwrap_or(crate::spec::DEFAULT_NAMESPACE);
+        let taken: std::collections::BTreeSet<String> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|vm| vm.namespace == namespace)
+            .map(|vm| vm.name)
+            .collect();
+        Ok((1..)
+            .map(|n| format!("{prefix}-{n}"))
+            .filter(|name| !taken.contains(name))
+            .take(count)
+            .collect())
+    }
+
+    /// The record of a VM made from `snapshot`: its own id, MAC and name,
+    /// the snapshot's boot with the files it needs linked into its work
+    /// dir (its disk layer sits on the snapshot's frozen disk).
+    fn create_restored(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        name: &str,
+        options: &RestoreOptions,
+    ) -> Result<VmRecord, ManagerError> {
+        let dir = self.snapshot_store().dir(&snapshot.id);
+        let mut spec = snapshot.spec.clone();
+        spec.name = name.to_owned();
+        if let Some(namespace) = &options.namespace {
+            spec.namespace = namespace.clone();
+        }
+        // The seed did its work in the source VM.
+        spec.cloud_init = None;
+        if let Some(size) = options.disk_size {
+            spec.disk_size = Some(size);
+        }
+        if let NetworkSpec::User { forwards } = &mut spec.network {
+            // A fixed host port is the source VM's: copies take free ones.
+            for forward in forwards.iter_mut() {
+                forward.host = 0;
+            }
+        }
+        spec.validate()?;
+        // The image is not resolved again (the snapshot's boot is what runs);
+        // the VM's spec still names it, which keeps it from removal.
+        let id = super::new_id()?;
+        let work_dir = self.layout.vm_dir(&id);
+        let mut record = VmRecord::new(id, spec, snapshot.backend, work_dir.clone());
+        if record.spec.network != NetworkSpec::None {
+            record.mac = crate::net::mac_for(&record.id);
+        }
+        record.first_booted = true;
+        record.restored_from = Some(snapshot.id.clone());
+        let writable_disk = snapshot
+            .boot
+            .root_disk
+            .as_ref()
+            .is_some_and(|disk| !disk.read_only);
+        record.disk_snapshot = writable_disk.then(|| snapshot.id.clone());
+        record.boot = Some(SavedBoot {
+            kernel: snapshot
+                .boot
+                .kernel
+                .as_ref()
+                .map(|_| work_dir.join("kernel")),
+            initramfs: snapshot
+                .boot
+                .initramfs
+                .as_ref()
+                .map(|_| work_dir.join("initramfs")),
+            cmdline: snapshot.boot.cmdline.clone(),
+            root_disk: snapshot.boot.root_disk.as_ref().map(|disk| SavedDisk {
+                path: if disk.read_only {
+                    work_dir.join("base")
+                } else {
+                    dir.join(&disk.path)
+                },
+                format: disk.format,
+                read_only: disk.read_only,
+            }),
+            firmware_boot: snapshot.boot.firmware_boot,
+        });
+        self.store.insert(&record)?;
+        let made = crate::layout::create_private_dir(&work_dir)
+            .map_err(ManagerError::from)
+            .and_then(|()| link_boot_files(snapshot, &dir, &work_dir));
+        if let Err(err) = made {
+            let _ = std::fs::remove_dir_all(&work_dir);
+            let _ = self.store.delete(&record.id);
+            return Err(err);
+        }
+        Ok(record)
+    }
+
+    /// Launches a restored VM from the snapshot's state, applies its new
+    /// identity and waits for the agent; a failure removes the VM.
+    fn start_restored(
+        &mut self,
+        record: VmRecord,
+        snapshot: &SnapshotRecord,
+        options: &RestoreOptions,
+    ) -> Result<VmRecord, ManagerError> {
+        let dir = self.snapshot_store().dir(&snapshot.id);
+        let seed = match snapshot.seed_bytes {
+            Some(bytes) => Some(placeholder_seed(&record.work_dir, bytes)?),
+            None => None,
+        };
+        let incoming = Incoming {
+            state: dir.join("state"),
+            memory: snapshot.memory,
+            ram: dir.join("ram"),
+            seed,
+            hostname: options
+                .hostname
+                .clone()
+                .unwrap_or_else(|| record.name.clone()),
+            mac: record.mac.clone(),
+            vmm_version: snapshot.vmm_version.clone(),
+        };
+        let (namespace, id) = (record.namespace.clone(), record.id.clone());
+        match self.start_record_from(record, Some(incoming)) {
+            Ok((record, _client)) => Ok(record),
+            Err(err) => {
+                let _ = self.remove(Some(&namespace), &id, true);
+                Err(err)
+            }
+        }
+    }
+
+    /// Loads the saved state into a VMM launched with `incoming`.
+    pub(super) fn receive_state(
+        &self,
+        record: &VmRecord,
+        incoming: &Incoming,
+        timeout: Duration,
+    ) -> Result<(), GuestError> {
+        let backend = self
+            .snapshotting_for(record.backend)
+            .map_err(|err| GuestError::Aborted {
+                reason: err.to_string(),
+            })?;
+        let saved = crate::backend::SavedState {
+            state: &incoming.state,
+            ram_file: incoming.memory == MemoryForm::File,
+            vmm_version: &incoming.vmm_version,
+        };
+        backend
+            .receive(record, &saved, timeout)
+            .map_err(|err| GuestError::Aborted {
+                reason: format!("loading snapshot state: {err}"),
+            })
+    }
+}
+
+/// Links the snapshot's kernel, initramfs and read-only base into the VM's
+/// work dir, so cold starts later do not need the snapshot.
+fn link_boot_files(
+    snapshot: &SnapshotRecord,
+    dir: &Path,
+    work_dir: &Path,
+) -> Result<(), ManagerError> {
+    let mut files: Vec<(&Path, &str)> = Vec::new();
+    if let Some(kernel) = &snapshot.boot.kernel {
+        files.push((kernel, "kernel"));
+    }
+    if let Some(initramfs) = &snapshot.boot.initramfs {
+        files.push((initramfs, "initramfs"));
+    }
+    if let Some(disk) = snapshot.boot.root_disk.as_ref().filter(|d| d.read_only) {
+        files.push((&disk.path, "base"));
+    }
+    for (name, as_name) in files {
+        let from = dir.join(name);
+        super::snapshots::link_or_copy(&from, &work_dir.join(as_name)).map_err(|source| {
+            ManagerError::Io {
+                path: from.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// An empty disk the size of the snapshot's seed: the device must exist for
+/// the saved state to load; the guest read the real seed long ago.
+fn placeholder_seed(work_dir: &Path, bytes: u64) -> Result<PathBuf, ManagerError> {
+    let path = work_dir.join("seed-placeholder.raw");
+    let file = crate::fsutil::create_private(&path).map_err(|source| ManagerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    file.set_len(bytes).map_err(|source| ManagerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}

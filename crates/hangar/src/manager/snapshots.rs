@@ -1,0 +1,463 @@
+//! `snapshot create|ls|inspect|rm`: saving a running VM, and the rules for
+//! removing what others depend on.
+
+use std::path::{Path, PathBuf};
+
+use super::{Manager, ManagerError};
+use crate::backend::{BackendError, DiskFreeze, SnapshotTarget};
+use crate::record::{SavedBoot, SavedDisk, VmState};
+use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::{
+    MemoryForm, Resources, SnapshotError, SnapshotFile, SnapshotRecord, SourceVm, SNAPSHOT_FORMAT,
+};
+use crate::spec::{ImageSource, NetworkSpec};
+
+/// What `snapshot create` was asked for.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotOptions {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Stop the VM once saved instead of letting it run on.
+    pub stop: bool,
+}
+
+/// The longest description kept.
+const MAX_DESCRIPTION: usize = 1024;
+
+impl Manager {
+    pub fn snapshot_store(&self) -> SnapshotStore {
+        SnapshotStore::new(self.layout.snapshots_dir())
+    }
+
+    /// Saves a running VM's memory, devices and disk. The VM runs on (or
+    /// stops, with `stop`); its disk goes on in a new layer, the old one is
+    /// the snapshot's.
+    pub fn snapshot_create(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        options: &SnapshotOptions,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        let vm = self.inspect(namespace, key)?;
+        if let Some(description) = &options.description {
+            if description.len() > MAX_DESCRIPTION || description.chars().any(char::is_control) {
+                return Err(ManagerError::Config(format!(
+                    "--description: at most {MAX_DESCRIPTION} bytes on one line"
+                )));
+            }
+        }
+        if vm.state != VmState::Running {
+            return Err(ManagerError::InvalidState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "snapshot it",
+                hint: "; snapshots save a running guest (`hangar start` it)",
+            });
+        }
+        snapshot_supported(&vm)?;
+        self.snapshotting(&vm)?;
+        let plan = self.saved_boot(&vm)?;
+        let store = self.snapshot_store();
+        let _lock = store.lock()?;
+        let (existing, _) = store.scan()?;
+        let name = match &options.name {
+            Some(name) => name.clone(),
+            None => default_name(&vm.name, &existing),
+        };
+        crate::snapshot::validate_name(&name)?;
+        if let Some(taken) = existing.iter().find(|s| s.name == name) {
+            return Err(SnapshotError::NameTaken {
+                name,
+                id: taken.id.clone(),
+            }
+            .into());
+        }
+        let id = super::new_id()?;
+        let dir = store.create_dir(&id)?;
+        let result = self.take_snapshot(&vm, &id, &name, &dir, &plan, options);
+        match result {
+            Ok(record) => {
+                if options.stop {
+                    let _ = self.mark_ended(
+                        &vm.id,
+                        VmState::Stopped,
+                        format!("stopped after snapshot {}", record.name),
+                    );
+                }
+                Ok(record)
+            }
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(err)
+            }
+        }
+    }
+
+    /// The backend's snapshot capability, or why there is none.
+    fn snapshotting(
+        &self,
+        vm: &crate::record::VmRecord,
+    ) -> Result<&dyn crate::backend::Snapshotting, ManagerError> {
+        self.backend(vm.backend)?
+            .as_snapshotting()
+            .ok_or_else(|| ManagerError::Backend {
+                name: vm.name.clone(),
+                source: BackendError::Unsupported {
+                    backend: vm.backend,
+                    what: "take snapshots".into(),
+                    why: "this backend has no snapshot support".into(),
+                },
+            })
+    }
+
+    /// Saves the VM into `dir` and writes the record.
+    fn take_snapshot(
+        &mut self,
+        vm: &crate::record::VmRecord,
+        id: &str,
+        name: &str,
+        dir: &Path,
+        plan: &SavedBoot,
+        options: &SnapshotOptions,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        let store = self.snapshot_store();
+        let id = id.to_owned();
+        let name = name.to_owned();
+        let dir = dir.to_path_buf();
+        {
+            let boot = link_boot_files(plan, &dir)?;
+            let next = vm.work_dir.join(format!("root-{id}.qcow2"));
+            let freeze = boot
+                .root_disk
+                .as_ref()
+                .filter(|disk| !disk.read_only)
+                .map(|_| DiskFreeze {
+                    current: vm.root_layer_path(),
+                    next: next.clone(),
+                    node: format!("layer-{id}"),
+                });
+            let target = SnapshotTarget {
+                dir: dir.clone(),
+                disk: freeze.clone(),
+                stop_after: options.stop,
+            };
+            let taken = self.snapshotting(vm)?.snapshot(vm, &target);
+            // Once frozen, the VM writes to the new layer whatever else
+            // happened: the record follows the disk.
+            if freeze.is_some() && next.is_file() {
+                let layer = format!("root-{id}.qcow2");
+                let parent = taken.is_ok().then(|| id.clone());
+                self.store.update(&vm.id, |r| {
+                    r.root_layer = Some(layer.clone());
+                    if let Some(parent) = &parent {
+                        r.disk_snapshot = Some(parent.clone());
+                        r.snapshot_ids.push(parent.clone());
+                    }
+                    Ok::<_, ManagerError>(())
+                })?;
+            }
+            let taken = taken.map_err(|source| ManagerError::Backend {
+                name: vm.name.clone(),
+                source,
+            })?;
+            if let Some(freeze) = &freeze {
+                // Its other name (in the snapshot) is the one in use now.
+                let _ = std::fs::remove_file(&freeze.current);
+            }
+            let files = sync_and_list(&dir)?;
+            let record = SnapshotRecord {
+                format: SNAPSHOT_FORMAT,
+                id: id.clone(),
+                name: name.clone(),
+                description: options.description.clone(),
+                created_at: chrono::Utc::now(),
+                source: SourceVm {
+                    id: vm.id.clone(),
+                    name: vm.name.clone(),
+                },
+                backend: vm.backend,
+                accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
+                vmm_version: taken.vmm_version,
+                agent_protocol: hangar_proto::PROTOCOL_VERSION,
+                spec: vm.spec.clone(),
+                resources: resources(vm, &dir),
+                memory: if taken.ram_file {
+                    MemoryForm::File
+                } else {
+                    MemoryForm::Stream
+                },
+                boot,
+                parent: vm.disk_snapshot.clone().filter(|_| freeze.is_some()),
+                image: image_reference(&vm.spec.image),
+                seed_bytes: taken.seed_bytes,
+                paused_ms: u64::try_from(taken.paused.as_millis()).unwrap_or(u64::MAX),
+                files,
+            };
+            store.save(&record)?;
+            Ok(record)
+        }
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshot_list(&self) -> Result<Vec<SnapshotRecord>, ManagerError> {
+        Ok(self.snapshot_store().list()?)
+    }
+
+    pub fn snapshot_inspect(&self, reference: &str) -> Result<SnapshotRecord, ManagerError> {
+        Ok(self.snapshot_store().find(reference)?)
+    }
+
+    /// Removes a snapshot; refused while VMs or other snapshots build on its
+    /// disk, unless `force` (they are named in the error, and with force
+    /// they can no longer start).
+    pub fn snapshot_remove(
+        &mut self,
+        reference: &str,
+        force: bool,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        let store = self.snapshot_store();
+        let _lock = store.lock()?;
+        let record = store.find(reference)?;
+        let users = self.snapshot_users(&record.id)?;
+        if !users.is_empty() && !force {
+            return Err(SnapshotError::InUse {
+                name: record.name.clone(),
+                users: users.join(", "),
+            }
+            .into());
+        }
+        store.remove(&record.id)?;
+        Ok(record)
+    }
+
+    /// Who builds on a snapshot's disk: VMs (`VM name`) and snapshots
+    /// (`snapshot name`).
+    pub fn snapshot_users(&self, id: &str) -> Result<Vec<String>, ManagerError> {
+        let mut users: Vec<String> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|vm| vm.disk_snapshot.as_deref() == Some(id))
+            .map(|vm| format!("VM {}", vm.name))
+            .collect();
+        for snapshot in self.snapshot_store().list()? {
+            if snapshot.parent.as_deref() == Some(id) {
+                users.push(format!("snapshot {}", snapshot.name));
+            }
+        }
+        Ok(users)
+    }
+
+    /// What `vm` booted: its saved boot when it came from a snapshot, else
+    /// its image resolved now.
+    fn saved_boot(&mut self, vm: &crate::record::VmRecord) -> Result<SavedBoot, ManagerError> {
+        if let Some(boot) = &vm.boot {
+            return Ok(boot.clone());
+        }
+        let plan = self.plan(vm)?;
+        Ok(SavedBoot {
+            firmware_boot: plan.kernel.is_none(),
+            kernel: plan.kernel,
+            initramfs: plan.initramfs,
+            cmdline: plan.cmdline,
+            root_disk: plan.root_disk.map(|disk| SavedDisk {
+                path: disk.base,
+                format: disk.format,
+                read_only: disk.read_only,
+            }),
+        })
+    }
+}
+
+/// What snapshots do not cover yet, refused before anything happens.
+fn snapshot_supported(vm: &crate::record::VmRecord) -> Result<(), ManagerError> {
+    let refuse = |what: &str| {
+        Err(ManagerError::Config(format!(
+            "VM {}: snapshots of VMs with {what} are not supported yet",
+            vm.name
+        )))
+    };
+    if super::ssh::uses_ssh(vm) {
+        return refuse(
+            "no guest agent (reached over SSH): a restored copy could not be given a new identity",
+        );
+    }
+    if !vm.spec.data_disks.is_empty() {
+        return refuse("data disks (--data-disk, --attach-disk)");
+    }
+    if vm.spec.uefi {
+        return refuse("UEFI firmware (its variable store is a disk of its own)");
+    }
+    if vm.spec.vsock {
+        return refuse("vsock (the guest's CID would be shared by every copy)");
+    }
+    Ok(())
+}
+
+/// `web-1`, `web-2`, ...: the first free one.
+fn default_name(vm: &str, existing: &[SnapshotRecord]) -> String {
+    (1..)
+        .map(|n| format!("{vm}-{n}"))
+        .find(|name| !existing.iter().any(|s| &s.name == name))
+        .unwrap_or_else(|| vm.to_owned())
+}
+
+/// Hard-links the kernel, initramfs and a read-only root disk into the
+/// snapshot (same file system: nothing copied; a copy otherwise) and
+/// returns the boot with names relative to the folder.
+fn link_boot_files(boot: &SavedBoot, dir: &Path) -> Result<SavedBoot, ManagerError> {
+    let link = |from: &Path, name: &str| -> Result<PathBuf, ManagerError> {
+        let to = dir.join(name);
+        link_or_copy(from, &to).map_err(|source| ManagerError::Io {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        Ok(PathBuf::from(name))
+    };
+    let mut saved = boot.clone();
+    if let Some(kernel) = &boot.kernel {
+        saved.kernel = Some(link(kernel, "kernel")?);
+    }
+    if let Some(initramfs) = &boot.initramfs {
+        saved.initramfs = Some(link(initramfs, "initramfs")?);
+    }
+    if let Some(disk) = &boot.root_disk {
+        saved.root_disk = Some(if disk.read_only {
+            SavedDisk {
+                path: link(&disk.path, "base")?,
+                ..disk.clone()
+            }
+        } else {
+            // The frozen writable layer lands there during the snapshot.
+            SavedDisk {
+                path: PathBuf::from("disk.qcow2"),
+                format: crate::image::disk::DiskFormat::Qcow2,
+                read_only: false,
+            }
+        });
+    }
+    Ok(saved)
+}
+
+pub(super) fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(nix::libc::EXDEV) => {
+            std::fs::copy(from, to).map(drop)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Flushes every file of the snapshot to disk and lists them with sizes.
+fn sync_and_list(dir: &Path) -> Result<Vec<SnapshotFile>, ManagerError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ManagerError::Io { path, source }
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let file = std::fs::File::open(&path).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        let bytes = file.metadata().map_err(io(&path))?.len();
+        files.push(SnapshotFile {
+            name: name.to_owned(),
+            bytes,
+            sha256: None,
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+fn resources(vm: &crate::record::VmRecord, dir: &Path) -> Resources {
+    let disk_bytes =
+        virtual_size(&dir.join("disk.qcow2")).or_else(|| virtual_size(&dir.join("base")));
+    Resources {
+        cpus: vm.spec.cpus,
+        memory: vm.spec.memory,
+        disk_bytes,
+        nics: match &vm.spec.network {
+            NetworkSpec::None => Vec::new(),
+            NetworkSpec::User { .. } => vec!["user".into()],
+            NetworkSpec::Tap { .. } => vec!["tap".into()],
+        },
+    }
+}
+
+/// A disk's size as the guest sees it: a qcow2 header's size field, or a
+/// raw file's length.
+pub(super) fn virtual_size(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut head = [0u8; 32];
+    let mut file = std::fs::File::open(path).ok()?;
+    let length = file.metadata().ok()?.len();
+    if file.read_exact(&mut head).is_ok() && head[..4] == *b"QFI\xfb" {
+        return Some(u64::from_be_bytes(head[24..32].try_into().ok()?));
+    }
+    Some(length)
+}
+
+/// The image as `image ls` names it, for pins and listings.
+pub(super) fn image_reference(image: &ImageSource) -> Option<String> {
+    match image {
+        ImageSource::Default => Some("default".into()),
+        ImageSource::Oci { reference } => Some(reference.clone()),
+        ImageSource::Bundle { id } => Some(format!("{}{id}", super::BUNDLE_PREFIX)),
+        ImageSource::Disk { name } => Some(format!("{}{name}", super::DISK_PREFIX)),
+        _ => None,
+    }
+}
+
+impl Manager {
+    /// Writes a snapshot to an archive at `output` (see
+    /// `snapshot::archive`).
+    pub fn snapshot_export(
+        &self,
+        reference: &str,
+        output: &Path,
+    ) -> Result<crate::snapshot::archive::ExportSummary, ManagerError> {
+        let store = self.snapshot_store();
+        let record = store.find(reference)?;
+        Ok(crate::snapshot::archive::export(
+            &record,
+            &store.dir(&record.id),
+            output,
+        )?)
+    }
+
+    /// Adds a snapshot from an archive; a bad archive (newer format,
+    /// truncated, a wrong checksum) leaves nothing behind.
+    pub fn snapshot_import(
+        &self,
+        archive: &Path,
+        name: Option<&str>,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        if let Some(name) = name {
+            crate::snapshot::validate_name(name)?;
+        }
+        let store = self.snapshot_store();
+        let _lock = store.lock()?;
+        let id = super::new_id()?;
+        let dir = store.create_dir(&id)?;
+        let imported =
+            crate::snapshot::archive::import(archive, &dir, &id, name).and_then(|record| {
+                if let Some(taken) = store.list()?.into_iter().find(|s| s.name == record.name) {
+                    return Err(SnapshotError::NameTaken {
+                        name: record.name,
+                        id: taken.id,
+                    });
+                }
+                store.save(&record)?;
+                Ok(record)
+            });
+        if imported.is_err() {
+            crate::snapshot::archive::discard(&store, &id);
+        }
+        Ok(imported?)
+    }
+}

@@ -1,0 +1,588 @@
+//! Snapshot archives: `export` writes, `import` reads back.
+//!
+//! An archive is a tar stream compressed with zstd. Its first member is
+//! `snapshot.json`, an [`Envelope`]: the archive format, the snapshot's
+//! record, and the name, size and sha256 of every other member. Then the
+//! members, plain files with plain names: the snapshot's own files, and its
+//! whole disk chain (the frozen layer, the layers of the snapshots before
+//! it, the image's base) as `disk.qcow2`, `disk-1`, `disk-2`, ... so the
+//! archive needs nothing from the host it came from. On import every
+//! member is checked against the envelope while it streams (size first,
+//! then sha256), the disk chain is relinked inside the new folder, and the
+//! record is written last: a bad archive leaves nothing.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::store::{is_plain_name, parse_record, SnapshotStore, RECORD_FILE};
+use super::{SnapshotError, SnapshotFile, SnapshotRecord};
+use crate::image::disk::DiskFormat;
+
+/// Version of the archive layout written today; newer ones are refused.
+pub const ARCHIVE_FORMAT: u32 = 1;
+/// The envelope is small; a bigger first member is not one.
+const MAX_ENVELOPE: u64 = 1 << 20;
+/// zstd level: fast, and guest RAM full of zeros compresses anyway.
+const ZSTD_LEVEL: i32 = 3;
+
+/// `snapshot.json` inside an archive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub format: u32,
+    pub snapshot: SnapshotRecord,
+    /// Every other member, in archive order.
+    pub members: Vec<SnapshotFile>,
+    /// The root disk's chain, top layer first (empty without a writable
+    /// root disk): each layer's backing file is the next one.
+    #[serde(default)]
+    pub disk_chain: Vec<ChainLayer>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChainLayer {
+    pub name: String,
+    pub format: DiskFormat,
+}
+
+/// What `export` wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportSummary {
+    pub snapshot: String,
+    pub path: PathBuf,
+    pub members: usize,
+    /// Bytes of the members before compression, and of the archive.
+    pub bytes: u64,
+    pub archive_bytes: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `record` (in `dir`) to `output`, atomically: a temporary file in
+/// the same folder, renamed when complete.
+pub fn export(
+    record: &SnapshotRecord,
+    dir: &Path,
+    output: &Path,
+) -> Result<ExportSummary, SnapshotError> {
+    let mut sources: Vec<(String, PathBuf)> = record
+        .files
+        .iter()
+        .filter(|f| f.name != "disk.qcow2")
+        .map(|f| (f.name.clone(), dir.join(&f.name)))
+        .collect();
+    let mut chain = Vec::new();
+    let writable = record.boot.root_disk.as_ref().is_some_and(|d| !d.read_only);
+    if writable {
+        for (index, (path, format)) in disk_chain(&dir.join("disk.qcow2"))?.into_iter().enumerate()
+        {
+            let name = if index == 0 {
+                "disk.qcow2".to_owned()
+            } else {
+                format!("disk-{index}")
+            };
+            sources.push((name.clone(), path));
+            chain.push(ChainLayer { name, format });
+        }
+    }
+    let mut members = Vec::new();
+    for (name, path) in &sources {
+        let (bytes, sha256) = hash_file(path)?;
+        members.push(SnapshotFile {
+            name: name.clone(),
+            bytes,
+            sha256: Some(sha256),
+        });
+    }
+    let envelope = Envelope {
+        format: ARCHIVE_FORMAT,
+        snapshot: record.clone(),
+        members: members.clone(),
+        disk_chain: chain,
+    };
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = tempfile::NamedTempFile::new_in(parent).map_err(io(parent))?;
+    let encoder = zstd::Encoder::new(temp.as_file(), ZSTD_LEVEL).map_err(io(output))?;
+    let mut builder = tar::Builder::new(encoder);
+    let text = serde_json::to_vec_pretty(&envelope).unwrap_or_default();
+    append(
+        &mut builder,
+        RECORD_FILE,
+        text.len() as u64,
+        &mut text.as_slice(),
+    )
+    .map_err(io(output))?;
+    for (name, path) in &sources {
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        let length = file.metadata().map_err(io(path))?.len();
+        append(&mut builder, name, length, &mut file).map_err(io(path))?;
+    }
+    let encoder = builder.into_inner().map_err(io(output))?;
+    encoder.finish().map_err(io(output))?;
+    temp.as_file().sync_all().map_err(io(output))?;
+    temp.persist(output).map_err(|err| SnapshotError::Io {
+        path: output.to_path_buf(),
+        source: err.error,
+    })?;
+    let archive_bytes = std::fs::metadata(output).map_err(io(output))?.len();
+    Ok(ExportSummary {
+        snapshot: record.name.clone(),
+        path: output.to_path_buf(),
+        members: members.len(),
+        bytes: members.iter().map(|m| m.bytes).sum(),
+        archive_bytes,
+    })
+}
+
+fn append<W: Write>(
+    builder: &mut tar::Builder<W>,
+    name: &str,
+    length: u64,
+    data: &mut dyn Read,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(length);
+    header.set_mode(0o600);
+    header.set_mtime(0);
+    builder.append_data(&mut header, name, data.take(length))
+}
+
+/// The files of a qcow2's backing chain, top first, with their formats.
+fn disk_chain(top: &Path) -> Result<Vec<(PathBuf, DiskFormat)>, SnapshotError> {
+    let output = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(top)
+        .output()
+        .map_err(|source| SnapshotError::Io {
+            path: PathBuf::from("qemu-img (install qemu-utils)"),
+            source,
+        })?;
+    let damaged = |detail: String| SnapshotError::Damaged {
+        path: top.to_path_buf(),
+        detail,
+    };
+    if !output.status.success() {
+        return Err(damaged(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    let layers: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
+        .map_err(|err| damaged(format!("qemu-img info: {err}")))?;
+    layers
+        .iter()
+        .map(|layer| {
+            let path = layer
+                .get("filename")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| damaged("qemu-img info: a layer without a filename".into()))?;
+            let format = match layer.get("format").and_then(serde_json::Value::as_str) {
+                Some("qcow2") => DiskFormat::Qcow2,
+                Some("raw") => DiskFormat::Raw,
+                other => return Err(damaged(format!("layer {path}: format {other:?}"))),
+            };
+            Ok((PathBuf::from(path), format))
+        })
+        .collect()
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String), SnapshotError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let read = file.read(&mut buffer).map_err(io(path))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        total += read as u64;
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}
+
+/// Reads an archive into the new folder `dir` (which exists, empty) as
+/// snapshot `id` named `name`, and returns its record, not yet saved: the
+/// caller saves it (the snapshot exists from then on) or removes `dir`.
+pub fn import(
+    archive: &Path,
+    dir: &Path,
+    id: &str,
+    name: Option<&str>,
+) -> Result<SnapshotRecord, SnapshotError> {
+    let bad = |detail: String| SnapshotError::BadArchive {
+        path: archive.to_path_buf(),
+        detail,
+    };
+    let file = std::fs::File::open(archive).map_err(io(archive))?;
+    let decoder = zstd::Decoder::new(file).map_err(|err| bad(format!("not zstd: {err}")))?;
+    let mut tar = tar::Archive::new(decoder);
+    let mut entries = tar.entries().map_err(|err| bad(err.to_string()))?;
+    let mut first = entries
+        .next()
+        .ok_or_else(|| bad("empty archive".into()))?
+        .map_err(|err| bad(format!("unreadable (truncated?): {err}")))?;
+    if first.path_bytes().as_ref() != RECORD_FILE.as_bytes() || first.size() > MAX_ENVELOPE {
+        return Err(bad(format!(
+            "the first member is not a {RECORD_FILE} envelope"
+        )));
+    }
+    let mut text = Vec::new();
+    first
+        .read_to_end(&mut text)
+        .map_err(|err| bad(format!("reading {RECORD_FILE}: {err}")))?;
+    drop(first);
+    let envelope = parse_envelope(archive, &text)?;
+    let mut expected: std::collections::BTreeMap<String, SnapshotFile> = envelope
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), m.clone()))
+        .collect();
+    for entry in entries {
+        let mut entry = entry.map_err(|err| bad(format!("unreadable (truncated?): {err}")))?;
+        let member = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(bad(format!("member {member:?} is not a plain file")));
+        }
+        let declared = expected.remove(&member).ok_or_else(|| {
+            bad(format!(
+                "member {member:?} is not in the envelope (or repeated)"
+            ))
+        })?;
+        if entry.size() != declared.bytes {
+            return Err(bad(format!(
+                "member {member}: {} bytes, the envelope says {}",
+                entry.size(),
+                declared.bytes
+            )));
+        }
+        let path = dir.join(&member);
+        let mut out = crate::fsutil::create_private(&path).map_err(io(&path))?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let read = entry
+                .read(&mut buffer)
+                .map_err(|err| bad(format!("member {member}: {err} (truncated?)")))?;
+            if read == 0 {
+                break;
+            }
+            total += read as u64;
+            if total > declared.bytes {
+                return Err(bad(format!("member {member} is longer than declared")));
+            }
+            hasher.update(&buffer[..read]);
+            out.write_all(&buffer[..read]).map_err(io(&path))?;
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if total != declared.bytes || Some(&sha256) != declared.sha256.as_ref() {
+            return Err(bad(format!(
+                "member {member}: checksum mismatch (sha256 {sha256}, the envelope says {}); the archive is damaged or was changed",
+                declared.sha256.as_deref().unwrap_or("none")
+            )));
+        }
+        out.sync_all().map_err(io(&path))?;
+    }
+    if let Some(missing) = expected.keys().next() {
+        return Err(bad(format!(
+            "member {missing} is missing (truncated archive?)"
+        )));
+    }
+    relink_chain(dir, &envelope.disk_chain)?;
+    let mut record = envelope.snapshot;
+    record.id = id.to_owned();
+    if let Some(name) = name {
+        record.name = name.to_owned();
+    }
+    // The chain now lives in this folder: no parent, whatever it had.
+    record.parent = None;
+    // Checked members; the disk layers' headers were relinked since.
+    record.files = envelope.members;
+    Ok(record)
+}
+
+/// Checks an envelope: its format, the record inside, member names and the
+/// chain's names.
+fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError> {
+    let bad = |detail: String| SnapshotError::BadArchive {
+        path: archive.to_path_buf(),
+        detail,
+    };
+    let value: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|err| bad(format!("{RECORD_FILE} is not JSON: {err}")))?;
+    let format = value
+        .get("format")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| bad(format!("{RECORD_FILE} has no archive `format`")))?;
+    if format > u64::from(ARCHIVE_FORMAT) {
+        return Err(bad(format!(
+            "archive format {format} is newer than this hangar reads ({ARCHIVE_FORMAT}); upgrade hangar"
+        )));
+    }
+    let snapshot_text = value
+        .get("snapshot")
+        .map(|v| serde_json::to_vec(v).unwrap_or_default())
+        .ok_or_else(|| bad(format!("{RECORD_FILE} has no `snapshot`")))?;
+    parse_record(archive, &snapshot_text).map_err(|err| bad(err.to_string()))?;
+    let envelope: Envelope =
+        serde_json::from_value(value).map_err(|err| bad(format!("{RECORD_FILE}: {err}")))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for member in &envelope.members {
+        if !is_plain_name(&member.name) || member.name == RECORD_FILE {
+            return Err(bad(format!("member name {:?} is not allowed", member.name)));
+        }
+        if !seen.insert(member.name.clone()) {
+            return Err(bad(format!("member {} is listed twice", member.name)));
+        }
+        if member.sha256.as_ref().is_none_or(|s| s.len() != 64) {
+            return Err(bad(format!("member {} has no sha256", member.name)));
+        }
+    }
+    for layer in &envelope.disk_chain {
+        if !seen.contains(&layer.name) {
+            return Err(bad(format!("disk layer {} is not a member", layer.name)));
+        }
+    }
+    Ok(envelope)
+}
+
+/// Points each imported layer at the next one in this folder (absolute
+/// paths, like every chain on this host).
+fn relink_chain(dir: &Path, chain: &[ChainLayer]) -> Result<(), SnapshotError> {
+    for pair in chain.windows(2) {
+        let (layer, backing) = (&pair[0], &pair[1]);
+        if layer.format != DiskFormat::Qcow2 {
+            return Err(SnapshotError::Damaged {
+                path: dir.join(&layer.name),
+                detail: "a raw disk cannot have a backing file".into(),
+            });
+        }
+        let output = Command::new("qemu-img")
+            .args([
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                backing.format.as_str(),
+                "-b",
+            ])
+            .arg(dir.join(&backing.name))
+            .arg(dir.join(&layer.name))
+            .output()
+            .map_err(|source| SnapshotError::Io {
+                path: PathBuf::from("qemu-img (install qemu-utils)"),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(SnapshotError::Damaged {
+                path: dir.join(&layer.name),
+                detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+    }
+    // An archive must not make QEMU open a host file it names: the bottom
+    // layer stands alone and no layer has an external data file.
+    for (index, layer) in chain.iter().enumerate() {
+        let path = dir.join(&layer.name);
+        let info = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&path)
+            .output()
+            .map_err(io(&path))?;
+        let value: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+        let bottom = index + 1 == chain.len();
+        let refuse = |detail: &str| SnapshotError::Damaged {
+            path: path.clone(),
+            detail: detail.into(),
+        };
+        if !info.status.success() {
+            return Err(refuse("qemu-img cannot read this layer"));
+        }
+        if bottom && value.get("backing-filename").is_some() {
+            return Err(refuse(
+                "the bottom disk layer names a backing file of its own",
+            ));
+        }
+        if value.pointer("/format-specific/data/data-file").is_some() {
+            return Err(refuse("the layer names an external data file"));
+        }
+    }
+    Ok(())
+}
+
+/// Removes a folder an import left unfinished.
+pub fn discard(store: &SnapshotStore, id: &str) {
+    let _ = std::fs::remove_dir_all(store.dir(id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Accel, BackendKind, SavedBoot};
+    use crate::snapshot::{MemoryForm, Resources, SourceVm, SNAPSHOT_FORMAT};
+
+    fn record() -> SnapshotRecord {
+        SnapshotRecord {
+            format: SNAPSHOT_FORMAT,
+            id: "0a0000000001".into(),
+            name: "warm".into(),
+            description: None,
+            created_at: chrono::Utc::now(),
+            source: SourceVm {
+                id: "0a0000000002".into(),
+                name: "web".into(),
+            },
+            backend: BackendKind::Qemu,
+            accel: Accel::Tcg,
+            vmm_version: "QEMU emulator version 7.2.22".into(),
+            agent_protocol: hangar_proto::PROTOCOL_VERSION,
+            spec: crate::spec::VmSpec::new("web"),
+            resources: Resources {
+                cpus: 1,
+                memory: crate::size::ByteSize(256 << 20),
+                disk_bytes: None,
+                nics: Vec::new(),
+            },
+            memory: MemoryForm::File,
+            boot: SavedBoot {
+                kernel: Some("kernel".into()),
+                initramfs: None,
+                cmdline: String::new(),
+                root_disk: None,
+                firmware_boot: false,
+            },
+            parent: None,
+            image: Some("default".into()),
+            seed_bytes: None,
+            paused_ms: 1,
+            files: vec![
+                SnapshotFile {
+                    name: "kernel".into(),
+                    bytes: 6,
+                    sha256: None,
+                },
+                SnapshotFile {
+                    name: "state".into(),
+                    bytes: 5,
+                    sha256: None,
+                },
+            ],
+        }
+    }
+
+    fn exported(dir: &Path) -> (SnapshotRecord, PathBuf) {
+        let source = dir.join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("kernel"), b"kernel").unwrap();
+        std::fs::write(source.join("state"), b"state").unwrap();
+        let record = record();
+        let archive = dir.join("warm.tar.zst");
+        let summary = export(&record, &source, &archive).unwrap();
+        assert_eq!((summary.members, summary.bytes), (2, 11));
+        (record, archive)
+    }
+
+    #[test]
+    fn an_export_imports_back_with_checked_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (record, archive) = exported(dir.path());
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(&target).unwrap();
+        let imported = import(&archive, &target, "0a00000000ff", Some("copy")).unwrap();
+        assert_eq!(
+            (imported.id.as_str(), imported.name.as_str()),
+            ("0a00000000ff", "copy")
+        );
+        assert_eq!(imported.spec, record.spec);
+        assert!(imported.files.iter().all(|f| f.sha256.is_some()));
+        assert_eq!(std::fs::read(target.join("state")).unwrap(), b"state");
+    }
+
+    /// Rewrites the archive's envelope with `edit` (members unchanged).
+    fn with_envelope(archive: &Path, edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+        let plain = zstd::decode_all(std::fs::File::open(archive).unwrap()).unwrap();
+        let mut reader = tar::Archive::new(plain.as_slice());
+        let mut builder = tar::Builder::new(Vec::new());
+        for entry in reader.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            if name == RECORD_FILE {
+                let mut value: serde_json::Value = serde_json::from_slice(&data).unwrap();
+                edit(&mut value);
+                data = serde_json::to_vec(&value).unwrap();
+            }
+            append(&mut builder, &name, data.len() as u64, &mut data.as_slice()).unwrap();
+        }
+        zstd::encode_all(builder.into_inner().unwrap().as_slice(), 1).unwrap()
+    }
+
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
+    #[test]
+    fn hostile_or_damaged_envelopes_are_refused_and_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, archive) = exported(dir.path());
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "member name \"../x\"",
+                Box::new(|v| v["members"][0]["name"] = "../x".into()),
+            ),
+            (
+                "listed twice",
+                Box::new(|v| {
+                    let first = v["members"][0].clone();
+                    v["members"].as_array_mut().unwrap().push(first);
+                }),
+            ),
+            (
+                "checksum mismatch",
+                Box::new(|v| v["members"][1]["sha256"] = "0".repeat(64).into()),
+            ),
+            (
+                "no sha256",
+                Box::new(|v| v["members"][1]["sha256"] = serde_json::Value::Null),
+            ),
+            (
+                "not a plain name",
+                Box::new(|v| v["snapshot"]["boot"]["kernel"] = "/etc/shadow".into()),
+            ),
+            (
+                "snapshot.json is format 7",
+                Box::new(|v| v["snapshot"]["format"] = 7.into()),
+            ),
+            (
+                "is not in the envelope",
+                Box::new(|v| {
+                    v["members"].as_array_mut().unwrap().remove(0);
+                }),
+            ),
+        ];
+        for (expected, edit) in cases {
+            let bad = dir.path().join("bad.tar.zst");
+            std::fs::write(&bad, with_envelope(&archive, edit)).unwrap();
+            let target = dir.path().join("bad-target");
+            std::fs::create_dir_all(&target).unwrap();
+            let err = import(&bad, &target, "0a00000000fe", None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+            std::fs::remove_dir_all(&target).unwrap();
+        }
+    }
+}
