@@ -24,8 +24,11 @@
 //!   snapshots-v1/<id>/          a snapshot: snapshot.json, state, ram,
 //!                               disk.qcow2, ... (see snapshot/mod.rs)
 //!   snapshots-v1/lock           held while snapshots are added or removed
-//!   vms/<id>/ram                a running VM's RAM (shared file, sparse)
 //! ```
+//!
+//! A running VM's RAM is a file on tmpfs, `/dev/shm/hangar-<uid>/<state
+//! tag>-<id>.ram` (0700 folder; see `backend::qemu::snapshot::ram_path`),
+//! removed when its VMM ends (`gc` removes leftovers).
 //!
 //! The state dir comes from `--state-dir`, else `HANGAR_HOME`, else
 //! `/var/lib/hangar` for root and `$XDG_DATA_HOME/hangar` for other users.

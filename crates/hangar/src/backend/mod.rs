@@ -206,6 +206,15 @@ pub trait Snapshotting {
         target: &SnapshotTarget,
     ) -> Result<SnapshotTaken, BackendError>;
 
+    /// Rewrites the header of the running VM's disk layer `node` to name
+    /// `backing` (the same file by another name) as its backing file.
+    fn relink_layer(
+        &self,
+        vm: &VmRecord,
+        node: &str,
+        backing: &std::path::Path,
+    ) -> Result<(), BackendError>;
+
     /// Feeds the saved device state to a VMM launched with `incoming` and
     /// lets the guest run, within `timeout`. Refused unless the VMM's
     /// version is the one that saved it.

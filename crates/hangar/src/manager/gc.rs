@@ -27,6 +27,8 @@ pub struct GcReport {
     pub removed_tmp: Vec<String>,
     /// Snapshot folders of interrupted creates and imports, removed.
     pub removed_unfinished_snapshots: Vec<String>,
+    /// RAM files of VMs without a VMM, removed.
+    pub removed_ram_files: Vec<String>,
 }
 
 impl Manager {
@@ -105,6 +107,16 @@ impl Manager {
                 report
                     .removed_tmp
                     .push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // RAM files (on tmpfs) of VMs whose VMM is gone, or that are gone.
+        let records = self.store.list()?;
+        for (id, path) in crate::backend::qemu::snapshot::ram_files(self.layout.root()) {
+            let live = records.iter().any(|r| {
+                r.id == id && (r.pid.is_some() || r.state == crate::record::VmState::Starting)
+            });
+            if !live && std::fs::remove_file(&path).is_ok() {
+                report.removed_ram_files.push(id);
             }
         }
         // Creates and imports hold the lock from the folder's creation to

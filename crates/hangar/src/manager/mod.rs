@@ -318,6 +318,7 @@ impl Manager {
     /// Deletes the work dir, then the record (a crash in between leaves a
     /// record that `rm` removes again).
     fn destroy(&mut self, record: &VmRecord) -> Result<(), ManagerError> {
+        lifecycle::drop_ram_file(record);
         match std::fs::remove_dir_all(&record.work_dir) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

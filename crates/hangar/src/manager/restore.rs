@@ -105,7 +105,13 @@ impl Manager {
                 .free_names(&snapshot.name, 1, options.namespace.as_deref())?
                 .remove(0),
         };
-        let record = self.create_restored(&snapshot, &name, options)?;
+        let record = {
+            // `snapshot rm` cannot run between the lookup and the record
+            // that pins the snapshot.
+            let _lock = self.snapshot_store().lock()?;
+            let snapshot = self.snapshot_store().find(&snapshot.id)?;
+            self.create_restored(&snapshot, &name, options)?
+        };
         self.start_restored(record, &snapshot, options)
     }
 
@@ -132,17 +138,21 @@ impl Manager {
         self.check_restorable(&snapshot, options)?;
         let prefix = format!("{}-fork", snapshot.name);
         let names = self.free_names(&prefix, count, options.namespace.as_deref())?;
+        let accel = self.accelerator()?.accel;
         let mut records = Vec::new();
-        for name in &names {
-            match self.create_restored(&snapshot, name, options) {
-                Ok(record) => records.push(record),
-                Err(err) => {
-                    self.discard(&records);
-                    return Err(err);
+        {
+            let _lock = self.snapshot_store().lock()?;
+            let snapshot = self.snapshot_store().find(&snapshot.id)?;
+            for name in &names {
+                match self.create_restored(&snapshot, name, options) {
+                    Ok(record) => records.push(record),
+                    Err(err) => {
+                        self.discard(&records);
+                        return Err(err);
+                    }
                 }
             }
         }
-        let accel = self.accelerator()?.accel;
         let manager_options = ManagerOptions {
             state_dir: Some(self.layout.root().to_path_buf()),
             accel: Some(accel),
@@ -292,23 +302,7 @@ impl Manager {
         options: &RestoreOptions,
     ) -> Result<VmRecord, ManagerError> {
         let dir = self.snapshot_store().dir(&snapshot.id);
-        let mut spec = snapshot.spec.clone();
-        spec.name = name.to_owned();
-        if let Some(namespace) = &options.namespace {
-            spec.namespace = namespace.clone();
-        }
-        // The seed did its work in the source VM.
-        spec.cloud_init = None;
-        if let Some(size) = options.disk_size {
-            spec.disk_size = Some(size);
-        }
-        if let NetworkSpec::User { forwards } = &mut spec.network {
-            // A fixed host port is the source VM's: copies take free ones.
-            for forward in forwards.iter_mut() {
-                forward.host = 0;
-            }
-        }
-        spec.validate()?;
+        let spec = restored_spec(snapshot, name, options)?;
         // The image is not resolved again (the snapshot's boot is what runs);
         // the VM's spec still names it, which keeps it from removal.
         let id = super::new_id()?;
@@ -418,6 +412,41 @@ impl Manager {
                 reason: format!("loading snapshot state: {err}"),
             })
     }
+}
+
+/// The new VM's spec, from an allow-list of the snapshot's (an imported
+/// record is not trusted with host paths): image (for pins), vCPUs, memory,
+/// network mode and guest ports (host ports picked free: fixed ones are the
+/// source's), labels. No data disks, seed, SSH, shared dirs or vsock.
+fn restored_spec(
+    snapshot: &SnapshotRecord,
+    name: &str,
+    options: &RestoreOptions,
+) -> Result<crate::spec::VmSpec, ManagerError> {
+    let source = &snapshot.spec;
+    let mut spec = crate::spec::VmSpec::new(name);
+    if let Some(namespace) = &options.namespace {
+        spec.namespace = namespace.clone();
+    }
+    spec.image = source.image.clone();
+    spec.cpus = snapshot.resources.cpus;
+    spec.memory = snapshot.resources.memory;
+    spec.disk_size = options.disk_size;
+    spec.labels = source.labels.clone();
+    spec.network = match &source.network {
+        NetworkSpec::User { forwards } => NetworkSpec::User {
+            forwards: forwards
+                .iter()
+                .map(|f| crate::spec::PortForward {
+                    host: 0,
+                    guest: f.guest,
+                })
+                .collect(),
+        },
+        _ => NetworkSpec::None,
+    };
+    spec.validate()?;
+    Ok(spec)
 }
 
 /// Links the snapshot's kernel, initramfs and read-only base into the VM's

@@ -21,9 +21,6 @@ pub struct SnapshotOptions {
     pub stop: bool,
 }
 
-/// The longest description kept.
-const MAX_DESCRIPTION: usize = 1024;
-
 impl Manager {
     pub fn snapshot_store(&self) -> SnapshotStore {
         SnapshotStore::new(self.layout.snapshots_dir())
@@ -38,14 +35,19 @@ impl Manager {
         key: &str,
         options: &SnapshotOptions,
     ) -> Result<SnapshotRecord, ManagerError> {
-        let vm = self.inspect(namespace, key)?;
         if let Some(description) = &options.description {
-            if description.len() > MAX_DESCRIPTION || description.chars().any(char::is_control) {
+            if !crate::snapshot::valid_description(description) {
                 return Err(ManagerError::Config(format!(
-                    "--description: at most {MAX_DESCRIPTION} bytes on one line"
+                    "--description: at most {} bytes on one line",
+                    crate::snapshot::MAX_DESCRIPTION
                 )));
             }
         }
+        // Held from reading the VM to recording the snapshot: two snapshots
+        // of one VM never freeze the same layer.
+        let store = self.snapshot_store();
+        let _lock = store.lock()?;
+        let vm = self.inspect(namespace, key)?;
         if vm.state != VmState::Running {
             return Err(ManagerError::InvalidState {
                 name: vm.name.clone(),
@@ -57,8 +59,6 @@ impl Manager {
         snapshot_supported(&vm)?;
         self.snapshotting(&vm)?;
         let plan = self.saved_boot(&vm)?;
-        let store = self.snapshot_store();
-        let _lock = store.lock()?;
         let (existing, _) = store.scan()?;
         let name = match &options.name {
             Some(name) => name.clone(),
@@ -143,16 +143,12 @@ impl Manager {
             };
             let taken = self.snapshotting(vm)?.snapshot(vm, &target);
             // Once frozen, the VM writes to the new layer whatever else
-            // happened: the record follows the disk.
+            // happened: the record follows the disk. (Its header names the
+            // frozen layer by its work-dir name until relinked below.)
             if freeze.is_some() && next.is_file() {
                 let layer = format!("root-{id}.qcow2");
-                let parent = taken.is_ok().then(|| id.clone());
                 self.store.update(&vm.id, |r| {
                     r.root_layer = Some(layer.clone());
-                    if let Some(parent) = &parent {
-                        r.disk_snapshot = Some(parent.clone());
-                        r.snapshot_ids.push(parent.clone());
-                    }
                     Ok::<_, ManagerError>(())
                 })?;
             }
@@ -160,10 +156,6 @@ impl Manager {
                 name: vm.name.clone(),
                 source,
             })?;
-            if let Some(freeze) = &freeze {
-                // Its other name (in the snapshot) is the one in use now.
-                let _ = std::fs::remove_file(&freeze.current);
-            }
             let files = sync_and_list(&dir)?;
             let record = SnapshotRecord {
                 format: SNAPSHOT_FORMAT,
@@ -179,7 +171,7 @@ impl Manager {
                 accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
                 vmm_version: taken.vmm_version,
                 agent_protocol: hangar_proto::PROTOCOL_VERSION,
-                spec: vm.spec.clone(),
+                spec: recorded_spec(&vm.spec),
                 resources: resources(vm, &dir),
                 memory: if taken.ram_file {
                     MemoryForm::File
@@ -194,7 +186,54 @@ impl Manager {
                 files,
             };
             store.save(&record)?;
+            if let Some(freeze) = &freeze {
+                self.relink_layer(vm, freeze, &dir.join("disk.qcow2"), options.stop);
+            }
             Ok(record)
+        }
+    }
+
+    /// Points the VM's new layer at the frozen one's name in the snapshot,
+    /// so the VM depends on the snapshot (not on a second name in its work
+    /// dir), and drops the work-dir name. Best effort: until it happens the
+    /// chain goes through the work-dir name, which is just as whole.
+    fn relink_layer(
+        &mut self,
+        vm: &crate::record::VmRecord,
+        freeze: &DiskFreeze,
+        frozen: &Path,
+        stopped: bool,
+    ) {
+        let relinked = if stopped {
+            // No VMM holds the layer: rewrite its header directly.
+            std::process::Command::new("qemu-img")
+                .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(frozen)
+                .arg(&freeze.next)
+                .output()
+                .is_ok_and(|out| out.status.success())
+        } else {
+            self.snapshotting(vm)
+                .ok()
+                .is_some_and(|backend| backend.relink_layer(vm, &freeze.node, frozen).is_ok())
+        };
+        if !relinked {
+            return;
+        }
+        let Some(id) = frozen
+            .parent()
+            .and_then(|dir| dir.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            return;
+        };
+        let updated = self.store.update(&vm.id, |r| {
+            r.disk_snapshot = Some(id.clone());
+            r.snapshot_ids.push(id.clone());
+            Ok::<_, ManagerError>(())
+        });
+        if updated.is_ok() {
+            let _ = std::fs::remove_file(&freeze.current);
         }
     }
 
@@ -267,6 +306,15 @@ impl Manager {
             }),
         })
     }
+}
+
+/// The source's spec as a snapshot keeps it: without cloud-init input (it
+/// may hold a password or keys, and did its work) or SSH settings.
+fn recorded_spec(spec: &crate::spec::VmSpec) -> crate::spec::VmSpec {
+    let mut spec = spec.clone();
+    spec.cloud_init = None;
+    spec.ssh = None;
+    spec
 }
 
 /// What snapshots do not cover yet, refused before anything happens.

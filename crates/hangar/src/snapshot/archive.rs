@@ -301,6 +301,7 @@ pub fn import(
             "member {missing} is missing (truncated archive?)"
         )));
     }
+    check_disks(dir, &envelope)?;
     relink_chain(dir, &envelope.disk_chain)?;
     let mut record = envelope.snapshot;
     record.id = id.to_owned();
@@ -336,7 +337,18 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
         .get("snapshot")
         .map(|v| serde_json::to_vec(v).unwrap_or_default())
         .ok_or_else(|| bad(format!("{RECORD_FILE} has no `snapshot`")))?;
-    parse_record(archive, &snapshot_text).map_err(|err| bad(err.to_string()))?;
+    let record = parse_record(archive, &snapshot_text).map_err(|err| bad(err.to_string()))?;
+    let spec = &record.spec;
+    if !spec.data_disks.is_empty()
+        || spec.vsock
+        || spec.uefi
+        || spec.ssh.is_some()
+        || !spec.shared_dirs.is_empty()
+    {
+        return Err(bad(
+            "the snapshot's VM has data disks, vsock, UEFI, SSH or shared dirs, which snapshots do not carry".into(),
+        ));
+    }
     let envelope: Envelope =
         serde_json::from_value(value).map_err(|err| bad(format!("{RECORD_FILE}: {err}")))?;
     let mut seen = std::collections::BTreeSet::new();
@@ -357,6 +369,88 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
         }
     }
     Ok(envelope)
+}
+
+/// The disks an archive brings must be what its record boots, and none
+/// may name a host file: the writable root is the top of the chain; every
+/// layer is qcow2 without an external data file, the bottom one (and a
+/// read-only base) without a backing file either (checked from the headers
+/// before QEMU or qemu-img opens them).
+fn check_disks(dir: &Path, envelope: &Envelope) -> Result<(), SnapshotError> {
+    let damaged = |name: &str, detail: String| SnapshotError::Damaged {
+        path: dir.join(name),
+        detail,
+    };
+    let chain = &envelope.disk_chain;
+    match &envelope.snapshot.boot.root_disk {
+        Some(disk) if !disk.read_only => {
+            let top = chain
+                .first()
+                .ok_or_else(|| damaged("disk.qcow2", "the root disk has no chain".into()))?;
+            if Some(top.name.as_str()) != disk.path.to_str() || top.format != DiskFormat::Qcow2 {
+                return Err(damaged(
+                    &top.name,
+                    "the chain's top is not the root disk".into(),
+                ));
+            }
+        }
+        Some(disk) => {
+            let name = disk.path.to_string_lossy().into_owned();
+            let detected = crate::image::disk::detect_file(&dir.join(&name))
+                .map_err(|err| damaged(&name, err.to_string()))?;
+            if detected.format != disk.format || !chain.is_empty() {
+                return Err(damaged(
+                    &name,
+                    "the read-only root disk is not what the record says".into(),
+                ));
+            }
+        }
+        None if !chain.is_empty() => {
+            return Err(damaged(
+                "disk.qcow2",
+                "a disk chain without a root disk".into(),
+            ));
+        }
+        None => {}
+    }
+    for (index, layer) in chain.iter().enumerate() {
+        let path = dir.join(&layer.name);
+        if index + 1 == chain.len() {
+            let detected = crate::image::disk::detect_file(&path)
+                .map_err(|err| damaged(&layer.name, err.to_string()))?;
+            if detected.format != layer.format {
+                return Err(damaged(
+                    &layer.name,
+                    format!(
+                        "is {:?}, the envelope says {:?}",
+                        detected.format, layer.format
+                    ),
+                ));
+            }
+            continue;
+        }
+        let mut head = [0u8; 80];
+        let mut file = std::fs::File::open(&path).map_err(io(&path))?;
+        let read = file.read(&mut head).map_err(io(&path))?;
+        let be = |range: std::ops::Range<usize>| {
+            head[range]
+                .iter()
+                .fold(0u64, |acc, b| acc << 8 | u64::from(*b))
+        };
+        if read < 80 || &head[..4] != b"QFI\xfb" || layer.format != DiskFormat::Qcow2 {
+            return Err(damaged(
+                &layer.name,
+                "an upper disk layer is not qcow2".into(),
+            ));
+        }
+        if be(4..8) >= 3 && be(72..80) & (1 << 2) != 0 {
+            return Err(damaged(
+                &layer.name,
+                "the layer names an external data file".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Points each imported layer at the next one in this folder (absolute

@@ -148,6 +148,14 @@ pub enum SnapshotError {
     },
 }
 
+/// The longest description kept.
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// A description shown in listings: one line, no control characters.
+pub fn valid_description(text: &str) -> bool {
+    text.len() <= MAX_DESCRIPTION && !text.chars().any(char::is_control)
+}
+
 /// Checks a snapshot name: like VM names, it goes into listings and
 /// archive envelopes, never into paths.
 pub fn validate_name(name: &str) -> Result<(), SnapshotError> {

@@ -198,6 +198,16 @@ pub fn parse_record(path: &Path, text: &[u8]) -> Result<SnapshotRecord, Snapshot
             detail: err.to_string(),
         })?;
     super::validate_name(&record.name)?;
+    if !record
+        .description
+        .as_deref()
+        .is_none_or(super::valid_description)
+    {
+        return Err(SnapshotError::Damaged {
+            path: path.to_path_buf(),
+            detail: "the description is not one line of text".into(),
+        });
+    }
     if !crate::manager::is_valid_id(&record.id) {
         return Err(SnapshotError::Damaged {
             path: path.to_path_buf(),

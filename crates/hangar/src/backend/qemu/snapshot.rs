@@ -34,9 +34,62 @@ const ROOT_DRIVE: &str = "root";
 /// The fd name migration uses.
 const MIGRATION_FD: &str = "hangar-migration";
 
-/// The VM's own RAM file (shared with QEMU) in its work dir.
+/// Where a VM's own RAM file (shared with QEMU) lives: on tmpfs, in
+/// `/dev/shm/hangar-<uid>/` (0700, checked to be ours), so guest memory
+/// never reaches the state disk and a full disk cannot take a page from
+/// under the guest; named by the state dir and the VM id. In the work dir
+/// where there is no such tmpfs.
 pub fn ram_path(work_dir: &Path) -> std::path::PathBuf {
-    work_dir.join("ram")
+    let id = work_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let state = work_dir.parent().and_then(Path::parent).unwrap_or(work_dir);
+    match private_shm_dir() {
+        Some(dir) => dir.join(format!("{}-{id}.ram", state_tag(state))),
+        None => work_dir.join("ram"),
+    }
+}
+
+/// The RAM files of one state dir in the tmpfs folder: (VM id, path).
+pub fn ram_files(state: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let Some(dir) = private_shm_dir() else {
+        return Vec::new();
+    };
+    let prefix = format!("{}-", state_tag(state));
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix(&prefix)?.strip_suffix(".ram")?.to_owned();
+            Some((id, entry.path()))
+        })
+        .collect()
+}
+
+/// 12 hex digits naming a state dir.
+fn state_tag(state: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(state.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// `/dev/shm/hangar-<uid>`, created 0700; None unless it is a real folder
+/// owned by this user and closed to others (another user could have made
+/// one first).
+fn private_shm_dir() -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return None;
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    let dir = shm.join(format!("hangar-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
 }
 
 impl Snapshotting for QemuBackend {
@@ -51,32 +104,40 @@ impl Snapshotting for QemuBackend {
         let seed_bytes = seed_size(&mut qmp)?;
         let paused_at = Instant::now();
         qmp.execute(QmpCommand::Stop)?;
-        let mut saved = save(&mut qmp, vm, target);
-        if let (Err(_), Some(freeze)) = (&saved, &target.disk) {
-            // The guest now writes to the new layer: point its header back
-            // at the frozen layer's name in the work dir, which outlives
-            // the failed snapshot's folder.
-            if freeze.next.is_file() {
-                if let Err(err) = repoint_backing(&mut qmp, &freeze.node, &freeze.current) {
-                    saved = Err(err);
-                }
-            }
-        }
+        // After a failed save the new layer (if the freeze happened) still
+        // names the frozen one by its work-dir name: nothing to undo.
+        let saved = save(&mut qmp, vm, target);
         let paused = paused_at.elapsed();
-        if target.stop_after && saved.is_ok() {
-            let _ = qmp.execute(QmpCommand::Quit);
+        let resumed = if target.stop_after && saved.is_ok() {
+            qmp.execute(QmpCommand::Quit).map(drop)
         } else if was_running {
             // Runs on after a failure too: a failed snapshot must not cost
             // the user their VM.
-            qmp.execute(QmpCommand::Cont)?;
-        }
+            qmp.execute(QmpCommand::Cont).map(drop)
+        } else {
+            Ok(())
+        };
         let ram_file = saved?;
+        resumed?;
         Ok(SnapshotTaken {
             ram_file,
             paused,
             vmm_version,
             seed_bytes,
         })
+    }
+
+    fn relink_layer(&self, vm: &VmRecord, node: &str, backing: &Path) -> Result<(), BackendError> {
+        self.qmp(vm)?
+            .call_with(
+                "change-backing-file",
+                json!({
+                    "device": ROOT_DRIVE,
+                    "image-node-name": node,
+                    "backing-file": backing.to_string_lossy(),
+                }),
+            )
+            .map(drop)
     }
 
     fn receive(
@@ -146,18 +207,11 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
             &freeze.next,
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         );
-        // The frozen layer moves into the snapshot by a second name (the
-        // same file: nothing is copied), and the new layer's header names
-        // it there, so the VM's work dir can go without breaking it.
+        // The frozen layer goes into the snapshot by a second name (the
+        // same file: nothing is copied). The new layer's header still names
+        // the work-dir name; `relink_layer` moves it once the snapshot is
+        // recorded, so a failure before that leaves a whole chain.
         std::fs::hard_link(&freeze.current, &frozen).map_err(io(&frozen))?;
-        qmp.call_with(
-            "change-backing-file",
-            json!({
-                "device": ROOT_DRIVE,
-                "image-node-name": node,
-                "backing-file": frozen.to_string_lossy(),
-            }),
-        )?;
     }
     let own_ram = ram_path(&vm.work_dir);
     // A VM restored from a snapshot maps that snapshot's RAM privately; its
@@ -172,7 +226,11 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
     qmp.pass_fd(MIGRATION_FD, file.as_fd())?;
     drop(file);
     qmp.call_with("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))?;
-    wait_migration(qmp, "saving the device state", MIGRATION_TIMEOUT)?;
+    if let Err(err) = wait_migration(qmp, "saving the device state", MIGRATION_TIMEOUT) {
+        // A migration left running would stop the guest when it ends.
+        cancel_migration(qmp);
+        return Err(err);
+    }
     if ram_file {
         let copy = target.dir.join("ram");
         crate::fsutil::copy_sparse(&own_ram, &copy).map_err(io(&copy))?;
@@ -180,16 +238,21 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
     Ok(ram_file)
 }
 
-fn repoint_backing(qmp: &mut QmpClient, node: &str, backing: &Path) -> Result<(), BackendError> {
-    qmp.call_with(
-        "change-backing-file",
-        json!({
-            "device": ROOT_DRIVE,
-            "image-node-name": node,
-            "backing-file": backing.to_string_lossy(),
-        }),
-    )
-    .map(drop)
+/// Cancels a migration and waits (briefly) until it is no longer active.
+fn cancel_migration(qmp: &mut QmpClient) {
+    let _ = qmp.call_with("migrate_cancel", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let active = qmp
+            .call_with("query-migrate", json!({}))
+            .ok()
+            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned))
+            .is_some_and(|s| matches!(s.as_str(), "active" | "setup" | "cancelling" | "device"));
+        if !active {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`, from `query-version`.
