@@ -2,14 +2,17 @@
 # Builds the Debian bookworm guest the cloud-image tests boot: debootstrap
 # (minbase) + the cloud kernel, cloud-init (NoCloud only) and
 # openssh-server, on an ext4 disk without a partition table that SeaBIOS
-# boots through extlinux. No SSH host keys and an empty machine-id, so each
+# boots through extlinux. The network is systemd-networkd +
+# systemd-resolved (no ifupdown): cloud-init renders its config (DHCP on
+# eth0, or the seed's static network-config with its default route and DNS
+# servers) for networkd. No SSH host keys and an empty machine-id, so each
 # VM makes its own. Output: OUT_DIR/debian-bookworm-cloud.qcow2.
 #
 # Cached: an image whose stamp names this VERSION is kept as it is.
 # KEEP_BUILD=1 keeps the build folder (logs, the tree) to look into.
 set -euo pipefail
 
-VERSION=1
+VERSION=2
 SUITE=bookworm
 SIZE=2G
 
@@ -63,7 +66,11 @@ for fs in proc sys dev; do $SUDO mount --bind "/$fs" "$root/$fs"; done
 # No service starts inside the chroot.
 printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$root/usr/sbin/policy-rc.d" >/dev/null
 $SUDO chmod 755 "$root/usr/sbin/policy-rc.d"
-packages="linux-image-cloud-amd64 initramfs-tools cloud-init openssh-server sudo ifupdown isc-dhcp-client iproute2 netbase"
+# systemd-networkd (part of systemd) and systemd-resolved, not ifupdown:
+# cloud-init's ENI renderer cannot add a static default route (no `route`)
+# nor DNS servers (no resolvconf). Without ifupdown (and netplan) cloud-init
+# picks its networkd renderer. dbus is what resolvectl talks to.
+packages="linux-image-cloud-amd64 initramfs-tools cloud-init openssh-server sudo udev dbus systemd-resolved iproute2 netbase"
 $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$work/apt.log" 2>&1
 # shellcheck disable=SC2086
 $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >>"$work/apt.log" 2>&1 || {
@@ -76,10 +83,23 @@ $SUDO rm -f "$root/usr/sbin/policy-rc.d"
 put() { $SUDO mkdir -p "$(dirname "$root/$1")"; printf '%s\n' "$2" | $SUDO tee "$root/$1" >/dev/null; }
 put etc/fstab "/dev/vda / ext4 defaults,errors=remount-ro 0 1"
 put etc/hostname "debian"
-put etc/cloud/cloud.cfg.d/90-hangar.cfg "datasource_list: [ NoCloud, None ]"
-put etc/network/interfaces "source /etc/network/interfaces.d/*
-auto lo
-iface lo inet loopback"
+# Less for cloud-init to do at the first boot (seconds each under TCG): no
+# locale-gen/update-locale for its default en_US.UTF-8 (without the locales
+# package the module fails, and that error ends `cloud-init status --wait`
+# before the final stage has run), no RSA or DSA host keys, no GRUB.
+put etc/default/locale "LANG=C.UTF-8"
+put etc/cloud/cloud.cfg.d/90-hangar.cfg "datasource_list: [ NoCloud, None ]
+locale: C.UTF-8
+ssh_genkeytypes: [ ed25519, ecdsa ]
+grub_dpkg:
+  enabled: false"
+# networkd brings up what cloud-init writes to /etc/systemd/network;
+# resolved takes its DNS servers, /etc/resolv.conf is resolved's stub.
+$SUDO chroot "$root" systemctl enable systemd-networkd.service systemd-resolved.service >>"$work/apt.log" 2>&1 || {
+  tail -n 30 "$work/apt.log" >&2
+  exit 1
+}
+$SUDO ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 # Small initramfs: only what mounts a virtio ext4 root.
 put etc/initramfs-tools/conf.d/hangar "MODULES=list"
 put etc/initramfs-tools/modules "virtio_pci

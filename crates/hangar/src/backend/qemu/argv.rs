@@ -70,6 +70,9 @@ pub struct Disk {
 #[derive(Clone, Debug)]
 pub struct UserNet {
     pub mac: String,
+    /// The guest's static address (cloud-init `--ip`). None: slirp forwards
+    /// to the address its DHCP server hands out (10.0.2.15).
+    pub guest_addr: Option<std::net::Ipv4Addr>,
     pub forwards: Vec<crate::spec::PortForward>,
 }
 
@@ -188,9 +191,10 @@ impl QemuArgs {
         }
         if let Some(net) = &self.user_net {
             let mut netdev = String::from("user,id=net0");
+            let guest = net.guest_addr.map(|a| a.to_string()).unwrap_or_default();
             for forward in &net.forwards {
                 netdev.push_str(&format!(
-                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
+                    ",hostfwd=tcp:127.0.0.1:{}-{guest}:{}",
                     forward.host, forward.guest
                 ));
             }
@@ -266,6 +270,7 @@ mod tests {
         let mut with = args();
         with.user_net = Some(UserNet {
             mac: "02:00:00:00:00:01".into(),
+            guest_addr: None,
             forwards: vec![crate::spec::PortForward {
                 host: 40022,
                 guest: 22,
@@ -284,6 +289,29 @@ mod tests {
         assert_eq!(
             joined[i + 3],
             "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01"
+        );
+    }
+
+    #[test]
+    fn user_net_forwards_to_a_static_guest_address() {
+        let mut with = args();
+        with.user_net = Some(UserNet {
+            mac: "02:00:00:00:00:01".into(),
+            guest_addr: Some(std::net::Ipv4Addr::new(10, 0, 2, 50)),
+            forwards: vec![crate::spec::PortForward {
+                host: 40022,
+                guest: 22,
+            }],
+        });
+        let joined: Vec<String> = with
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let i = joined.iter().position(|a| a == "-netdev").unwrap();
+        assert_eq!(
+            joined[i + 1],
+            "user,id=net0,hostfwd=tcp:127.0.0.1:40022-10.0.2.50:22"
         );
     }
 

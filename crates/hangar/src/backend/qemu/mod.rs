@@ -261,6 +261,7 @@ impl Backend for QemuBackend {
                         .clone()
                         .or_else(|| crate::net::mac_for(&vm.id))
                         .unwrap_or_default(),
+                    guest_addr: static_ipv4(vm),
                     forwards: ports.clone(),
                 });
             }
@@ -392,6 +393,14 @@ impl Pausable for QemuBackend {
     fn resume(&self, vm: &VmRecord) -> Result<(), BackendError> {
         self.qmp(vm)?.execute(QmpCommand::Cont).map(drop)
     }
+}
+
+/// The static IPv4 address the VM's seed gives it (`--ip`), which slirp
+/// must forward to instead of its DHCP address.
+fn static_ipv4(vm: &VmRecord) -> Option<std::net::Ipv4Addr> {
+    let network = vm.spec.cloud_init.as_ref()?.network.as_ref()?;
+    let (address, _prefix) = network.address.split_once('/')?;
+    address.parse().ok()
 }
 
 /// The VM's copy-on-write overlay of `base`, made on its first start and
