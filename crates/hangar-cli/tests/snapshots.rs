@@ -25,6 +25,13 @@ impl Drop for SnapshotGuard<'_> {
     }
 }
 
+fn snapshot_guard<'a>(state: &'a Path, name: &str) -> SnapshotGuard<'a> {
+    SnapshotGuard {
+        state,
+        name: name.to_owned(),
+    }
+}
+
 fn scratch(prefix: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
     std::fs::create_dir_all(&dir).unwrap();
@@ -60,10 +67,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
     let snap = unique("warm");
-    let _snap = SnapshotGuard {
-        state,
-        name: snap.clone(),
-    };
+    let _snap = snapshot_guard(state, &snap);
     ok(&hangar(
         state,
         &[
@@ -167,10 +171,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     // A restored VM runs on the snapshot's memory: its own snapshot carries
     // the RAM in the state stream, and restores like any other.
     let again = unique("again");
-    let _again = SnapshotGuard {
-        state,
-        name: again.clone(),
-    };
+    let _again = snapshot_guard(state, &again);
     ok(&hangar(
         state,
         &["snapshot", "create", &restored, "--name", &again],
@@ -216,20 +217,14 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
     ok(&hangar(state, &["start", &vm]));
     exec(state, &vm, "echo one > /root/one; sync");
     let first = unique("disk-1");
-    let _first = SnapshotGuard {
-        state,
-        name: first.clone(),
-    };
+    let _first = snapshot_guard(state, &first);
     ok(&hangar(
         state,
         &["snapshot", "create", &vm, "--name", &first],
     ));
     exec(state, &vm, "echo two > /root/two; sync");
     let second = unique("disk-2");
-    let _second = SnapshotGuard {
-        state,
-        name: second.clone(),
-    };
+    let _second = snapshot_guard(state, &second);
     ok(&hangar(
         state,
         &["snapshot", "create", &vm, "--name", &second],
@@ -291,10 +286,7 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
     ));
     ok(&hangar(state, &["snapshot", "rm", "--force", &second]));
     let imported = unique("imported");
-    let _imported = SnapshotGuard {
-        state,
-        name: imported.clone(),
-    };
+    let _imported = snapshot_guard(state, &imported);
     ok(&hangar(
         state,
         &[

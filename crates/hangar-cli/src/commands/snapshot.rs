@@ -25,11 +25,7 @@ pub fn snapshot(global: &Global, command: SnapshotCommand) -> anyhow::Result<u8>
             let record = manager.snapshot_create(vm.namespace.as_deref(), &vm.vm, &options);
             spinner.finish();
             let record = record?;
-            if global.json {
-                print_json(&record)?;
-            } else {
-                println!("{}", record.name);
-            }
+            print_snapshot(global, &record)?;
         }
         SnapshotCommand::Ls => {
             let records = manager.snapshot_list()?;
@@ -85,11 +81,7 @@ pub fn snapshot(global: &Global, command: SnapshotCommand) -> anyhow::Result<u8>
             let record = manager.snapshot_import(&file, name.as_deref());
             spinner.finish();
             let record = record?;
-            if global.json {
-                print_json(&record)?;
-            } else {
-                println!("{}", record.name);
-            }
+            print_snapshot(global, &record)?;
         }
     }
     Ok(0)
@@ -135,4 +127,17 @@ pub fn fork(global: &Global, args: ForkArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// A snapshot as JSON, or its name.
+fn print_snapshot(
+    global: &Global,
+    record: &hangar::snapshot::SnapshotRecord,
+) -> anyhow::Result<()> {
+    if global.json {
+        print_json(record)
+    } else {
+        println!("{}", record.name);
+        Ok(())
+    }
 }

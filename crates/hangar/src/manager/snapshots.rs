@@ -187,7 +187,7 @@ impl Manager {
             };
             store.save(&record)?;
             if let Some(freeze) = &freeze {
-                self.relink_layer(vm, freeze, &dir.join("disk.qcow2"), options.stop);
+                self.relink_layer(vm, &id, freeze, &dir.join("disk.qcow2"), options.stop);
             }
             Ok(record)
         }
@@ -200,6 +200,7 @@ impl Manager {
     fn relink_layer(
         &mut self,
         vm: &crate::record::VmRecord,
+        id: &str,
         freeze: &DiskFreeze,
         frozen: &Path,
         stopped: bool,
@@ -220,16 +221,9 @@ impl Manager {
         if !relinked {
             return;
         }
-        let Some(id) = frozen
-            .parent()
-            .and_then(|dir| dir.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-        else {
-            return;
-        };
         let updated = self.store.update(&vm.id, |r| {
-            r.disk_snapshot = Some(id.clone());
-            r.snapshot_ids.push(id.clone());
+            r.disk_snapshot = Some(id.to_owned());
+            r.snapshot_ids.push(id.to_owned());
             Ok::<_, ManagerError>(())
         });
         if updated.is_ok() {

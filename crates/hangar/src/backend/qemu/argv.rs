@@ -265,22 +265,26 @@ mod tests {
         assert!(!args().to_argv().iter().any(|a| a == "-incoming"));
     }
 
-    #[test]
-    fn user_net_forwards_only_from_loopback() {
+    /// The argv of a VM with user networking and one forward of guest 22.
+    fn user_net_argv(guest_addr: Option<std::net::Ipv4Addr>) -> Vec<String> {
         let mut with = args();
         with.user_net = Some(UserNet {
             mac: "02:00:00:00:00:01".into(),
-            guest_addr: None,
+            guest_addr,
             forwards: vec![crate::spec::PortForward {
                 host: 40022,
                 guest: 22,
             }],
         });
-        let joined: Vec<String> = with
-            .to_argv()
+        with.to_argv()
             .into_iter()
             .map(|a| a.into_string().unwrap())
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn user_net_forwards_only_from_loopback() {
+        let joined = user_net_argv(None);
         let i = joined.iter().position(|a| a == "-netdev").unwrap();
         assert_eq!(
             joined[i + 1],
@@ -294,20 +298,7 @@ mod tests {
 
     #[test]
     fn user_net_forwards_to_a_static_guest_address() {
-        let mut with = args();
-        with.user_net = Some(UserNet {
-            mac: "02:00:00:00:00:01".into(),
-            guest_addr: Some(std::net::Ipv4Addr::new(10, 0, 2, 50)),
-            forwards: vec![crate::spec::PortForward {
-                host: 40022,
-                guest: 22,
-            }],
-        });
-        let joined: Vec<String> = with
-            .to_argv()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let joined = user_net_argv(Some(std::net::Ipv4Addr::new(10, 0, 2, 50)));
         let i = joined.iter().position(|a| a == "-netdev").unwrap();
         assert_eq!(
             joined[i + 1],
