@@ -1,7 +1,8 @@
 //! Base-image bundles (SmartVM's manifests) on real VMs: a bundle the test
 //! builds (the default kernel and a busybox root file system as ext4 or
 //! squashfs), added from a manifest file or over http from a server on
-//! 127.0.0.1, verified, booted; the LRU cache with pins.
+//! 127.0.0.1 (URLs with credentials never recorded or printed), verified,
+//! booted; the LRU cache with pins; a damaged record skipped and removable.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic loudly
 
@@ -34,7 +35,8 @@ fn squashfs_of(tree: &Path, out: &Path) {
 }
 
 /// Serves the files of `dir` over HTTP/1.1 on 127.0.0.1 until the test
-/// process ends; returns the base URL.
+/// process ends, ignoring credentials and query strings; returns the base
+/// URL.
 fn serve(dir: &Path) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -56,6 +58,9 @@ fn serve(dir: &Path) -> String {
                     .split_whitespace()
                     .nth(1)
                     .unwrap_or("/")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
                     .trim_start_matches('/')
                     .to_owned();
                 let mut stream = stream;
@@ -180,15 +185,19 @@ fn a_squashfs_bundle_from_a_url_is_verified_and_writable_only_in_ram() {
     let id = unique("sq-bundle");
     std::fs::copy(default_kernel(state), dir.join("vmlinux")).unwrap();
     squashfs_of(&root_tree(&dir, &id), &dir.join("rootfs.sqfs"));
-    let base = serve(&dir);
+    // Credentials and a signed query string, which the server ignores:
+    // Hangar uses them to download, never records or prints them.
+    let secret = "hunter2";
+    let base = serve(&dir).replacen("http://", &format!("http://user:{secret}@"), 1);
+    let url = |name: &str| format!("{base}/{name}?X-Amz-Signature={secret}");
     let manifest = |rootfs_sha: &str| {
         serde_json::json!({
             "schemaVersion": 1,
             "bundleId": id,
             "arch": "x86_64",
             "rootfsType": "squashfs",
-            "kernel": {"url": format!("{base}/vmlinux"), "sha256": sha256_file(&dir.join("vmlinux"))},
-            "rootfs": {"url": format!("{base}/rootfs.sqfs"), "sha256": rootfs_sha},
+            "kernel": {"url": url("vmlinux"), "sha256": sha256_file(&dir.join("vmlinux"))},
+            "rootfs": {"url": url("rootfs.sqfs"), "sha256": rootfs_sha},
         })
         .to_string()
     };
@@ -201,17 +210,19 @@ fn a_squashfs_bundle_from_a_url_is_verified_and_writable_only_in_ram() {
             "image",
             "add",
             "--manifest",
-            &format!("{base}/tampered.json"),
+            &url("tampered.json"),
             "--max-bundles",
             "8",
         ],
     );
     assert!(!refused.status.success());
+    let said = text(&refused.stderr);
     assert!(
-        text(&refused.stderr).contains(&format!("not the declared sha256:{}", "0".repeat(64))),
-        "{}",
-        text(&refused.stderr)
+        said.contains(&format!("not the declared sha256:{}", "0".repeat(64))),
+        "{said}"
     );
+    assert!(said.contains("/rootfs.sqfs?***"), "{said}");
+    assert!(!said.contains(secret), "{said}");
     assert!(!ok(&hangar(state, &["image", "ls"])).contains(&id));
     assert!(!state.join("images-v1/bundles").join(&id).exists());
 
@@ -220,36 +231,68 @@ fn a_squashfs_bundle_from_a_url_is_verified_and_writable_only_in_ram() {
         manifest(&sha256_file(&dir.join("rootfs.sqfs"))),
     )
     .unwrap();
-    ok(&hangar(
+    let added = hangar(
         state,
         &[
             "image",
             "add",
             "--manifest",
-            &format!("{base}/good.json"),
+            &url("good.json"),
             "--max-bundles",
             "8",
         ],
-    ));
+    );
+    ok(&added);
     let image = format!("bundle:{id}");
-    let out = hangar(
+    let inspected = ok(&hangar(state, &["image", "inspect", &image]));
+    assert!(inspected.contains("http://***@127.0.0.1:"), "{inspected}");
+    let stored_dir = state.join("images-v1/bundles").join(&id);
+    let record = std::fs::read_to_string(stored_dir.join("bundle.json")).unwrap();
+    for shown in [text(&added.stdout), text(&added.stderr), inspected, record] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+
+    let vm = unique("sq-vm");
+    ok(&hangar(
+        state,
+        &["create", "--name", &vm, "--image", &image],
+    ));
+    let _guard = VmGuard {
+        state,
+        name: vm.clone(),
+    };
+    ok(&hangar(state, &["start", &vm]));
+    let seen = ok(&hangar(
         state,
         &[
-            "run",
-            "--image",
-            &image,
+            "exec",
+            &vm,
             "--",
             "sh",
             "-c",
             "cat /etc/bundle-id; echo written > /etc/new; cat /etc/new; grep ' / ' /proc/mounts | cut -d' ' -f3",
         ],
-    );
+    ));
+    assert_eq!(seen, format!("{id}\nwritten\noverlay\n"));
+    // The writes lived in RAM: gone after a restart, the bundle unchanged.
+    ok(&hangar(state, &["restart", &vm]));
+    let seen = ok(&hangar(
+        state,
+        &[
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/bundle-id; if test -e /etc/new; then echo kept; else echo gone; fi",
+        ],
+    ));
+    assert_eq!(seen, format!("{id}\ngone\n"));
     assert_eq!(
-        text(&out.stdout),
-        format!("{id}\nwritten\noverlay\n"),
-        "{}",
-        text(&out.stderr)
+        sha256_file(&stored_dir.join("rootfs")),
+        sha256_file(&dir.join("rootfs.sqfs"))
     );
+    ok(&hangar(state, &["rm", "-f", &vm]));
     ok(&hangar(state, &["image", "rm", &image]));
 }
 
@@ -318,6 +361,20 @@ fn the_bundle_cache_evicts_the_least_recently_used_never_one_in_use() {
     ok(&hangar(&state, &["rm", "uses-a"]));
     ok(&hangar(&state, &["image", "rm", "bundle:a"]));
     assert_eq!(bundles(), ["b"]);
+
+    // A damaged record: listing skips it, `rm` removes it all the same.
+    let b = state.join("images-v1/bundles/b");
+    std::fs::write(b.join("bundle.json"), "{\"bundle_id\": \"b\", trunc").unwrap();
+    assert!(bundles().is_empty());
+    ok(&hangar(&state, &["image", "ls"]));
+    let inspected = hangar(&state, &["image", "inspect", "bundle:b"]);
+    assert!(
+        text(&inspected.stderr).contains("remove it with `hangar image rm bundle:b`"),
+        "{}",
+        text(&inspected.stderr)
+    );
+    ok(&hangar(&state, &["image", "rm", "bundle:b"]));
+    assert!(!b.exists());
 
     // Bad references and manifests name what is wrong.
     let missing = hangar(&state, &["create", "--name", "x", "--image", "bundle:nope"]);

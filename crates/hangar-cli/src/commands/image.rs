@@ -30,7 +30,7 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             sha256,
             ..
         } => {
-            let bar = PullBar::new(&source, global.json);
+            let bar = PullBar::new(&hangar::image::fetch::redact_url(&source), global.json);
             let added =
                 manager.add_disk_image(&source, name.as_deref(), sha256.as_deref(), &mut |event| {
                     bar.on(event)
@@ -54,7 +54,7 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             max_bundles,
             ..
         } => {
-            let bar = PullBar::new(&manifest, global.json);
+            let bar = PullBar::new(&hangar::image::fetch::redact_url(&manifest), global.json);
             let added = manager.add_bundle(&manifest, max_bundles, &mut |event| bar.on(event));
             bar.finish();
             let report = added?;
@@ -65,6 +65,9 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             }
             if let Some(warning) = &report.over_limit {
                 eprintln!("hangar: warning: {warning}");
+            }
+            for damaged in &report.damaged {
+                eprintln!("hangar: warning: {damaged}");
             }
             if global.json {
                 print_json(&report)?;
@@ -83,7 +86,10 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
         }
         ImageCommand::Ls => {
             let images = manager.images()?;
-            let bundles = manager.bundles()?;
+            let (bundles, damaged) = manager.scan_bundles()?;
+            for damaged in &damaged {
+                eprintln!("hangar: warning: {damaged}");
+            }
             if global.json {
                 let mut list: Vec<_> = images
                     .iter()

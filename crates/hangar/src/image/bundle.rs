@@ -85,7 +85,8 @@ struct RawManifest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ArtifactSource {
-    /// A local file (relative paths resolved against the manifest's folder).
+    /// A local file: the manifest names it relative to its own folder
+    /// (no absolute path, no `..`); stored resolved.
     Path { path: PathBuf },
     /// An http(s) download.
     Url { url: String },
@@ -266,7 +267,8 @@ fn artifact(raw: RawArtifact, origin: &ManifestOrigin) -> Result<Artifact, (Stri
         (None, None) => return Err(("url".into(), "or `path` is required".into())),
         (Some(url), None) => {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(("url".into(), format!("{url:?} is not an http(s) URL")));
+                let shown = super::fetch::redact_url(&url);
+                return Err(("url".into(), format!("{shown:?} is not an http(s) URL")));
             }
             if sha256.is_none() {
                 return Err((
@@ -283,11 +285,9 @@ fn artifact(raw: RawArtifact, origin: &ManifestOrigin) -> Result<Artifact, (Stri
                     .into(),
             )),
             ManifestOrigin::File { dir } => {
-                if path.is_empty() {
-                    return Err(("path".into(), "is empty".into()));
-                }
+                check_relative(&path).map_err(|problem| ("path".to_owned(), problem))?;
                 ArtifactSource::Path {
-                    path: resolve(dir, Path::new(&path)),
+                    path: dir.join(&path),
                 }
             }
         },
@@ -299,12 +299,28 @@ fn artifact(raw: RawArtifact, origin: &ManifestOrigin) -> Result<Artifact, (Stri
     })
 }
 
-fn resolve(dir: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        dir.join(path)
+/// A manifest's files sit beside it (or below): a bundle folder can be
+/// moved or copied whole, and the manifest reads nothing else on the host.
+fn check_relative(path: &str) -> Result<(), String> {
+    use std::path::Component;
+    if path.is_empty() {
+        return Err("is empty; give the file's path relative to the manifest's folder".into());
     }
+    let shown = path.escape_debug();
+    if Path::new(path).is_absolute() {
+        return Err(format!(
+            "is \"{shown}\", an absolute path; give it relative to the manifest's folder (move the file beside the manifest, or use `url`)"
+        ));
+    }
+    if Path::new(path)
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(format!(
+            "is \"{shown}\", which climbs out with `..`; give a path inside the manifest's folder (move the file beside the manifest, or use `url`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Kernel arguments a bundle may not set on Hangar's QEMU machine: Hangar
@@ -437,6 +453,26 @@ mod tests {
                 }),
                 "`kernel.url` or `path` is required",
             ),
+            (
+                Box::new(|m| m["kernel"]["path"] = "/etc/shadow".into()),
+                "`kernel.path` is \"/etc/shadow\", an absolute path",
+            ),
+            (
+                Box::new(|m| m["kernel"]["path"] = "../vmlinux".into()),
+                "`kernel.path` is \"../vmlinux\", which climbs out with `..`",
+            ),
+            (
+                Box::new(|m| m["kernel"]["path"] = "boot/../../x".into()),
+                "`kernel.path` is \"boot/../../x\", which climbs out",
+            ),
+            (
+                Box::new(|m| m["kernel"]["path"] = "".into()),
+                "`kernel.path` is empty",
+            ),
+            (
+                Box::new(|m| m["rootfs"]["url"] = "ftp://u:secret@x/r?sig=secret".into()),
+                "`rootfs.url` \"ftp://***@x/r?***\" is not an http(s) URL",
+            ),
         ];
         for (edit, expected) in cases {
             let err = parse(&manifest(edit), &local()).unwrap_err();
@@ -444,6 +480,21 @@ mod tests {
         }
         let err = parse(&manifest(|m| m["extra"] = 1.into()), &local()).unwrap_err();
         assert!(err.contains("unknown field `extra`"), "{err}");
+    }
+
+    #[test]
+    fn paths_inside_the_manifest_folder_resolve_under_it() {
+        let parsed = parse(
+            &manifest(|m| m["kernel"]["path"] = "./boot/vmlinux".into()),
+            &local(),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.kernel.source,
+            ArtifactSource::Path {
+                path: "/bundles/./boot/vmlinux".into()
+            }
+        );
     }
 
     #[test]

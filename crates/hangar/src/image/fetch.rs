@@ -1,6 +1,8 @@
 //! Artifacts from a file or an http(s) URL into a file, with their sha256
 //! and size checked while they stream: reading stops one byte past a
-//! declared size, and nothing is trusted until the whole file hashed right.
+//! declared size (or a cap), and nothing is trusted until the whole file
+//! hashed right. A URL's secrets (`user:pass@`, a signed query string)
+//! never reach an error: messages carry [`redact_url`]'s form.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +18,13 @@ pub enum FetchError {
         what: String,
         from: String,
         declared: u64,
+    },
+    #[error("{what} ({from}) is larger than {limit} bytes, {note}; refused")]
+    OverLimit {
+        what: String,
+        from: String,
+        limit: u64,
+        note: String,
     },
     #[error(
         "{what} ({from}) has {got} bytes, {declared} declared; the source is truncated or wrong"
@@ -62,6 +71,42 @@ pub struct Expect {
     pub size: Option<u64>,
     /// Refuse more bytes than this even when no size is declared.
     pub limit: Option<u64>,
+    /// What `limit` is and how to get past it, for the error.
+    pub limit_note: Option<String>,
+}
+
+/// `url` fit to record, print or put in an error: the userinfo
+/// (`user:pass@`) and the query and fragment (where signed URLs carry
+/// their token) become `***`. Text without a `scheme://` stays as it is.
+pub fn redact_url(url: &str) -> String {
+    let trimmed = url.trim_matches(|c: char| c == ' ' || c.is_ascii_control());
+    let Some((scheme, rest)) = trimmed.split_once("://") else {
+        return url.to_owned();
+    };
+    let is_scheme = scheme
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if scheme.is_empty() || !is_scheme {
+        return url.to_owned();
+    }
+    // The authority ends at the first of these (URL parsers also end it at
+    // `\`; ending it later only redacts more).
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(at) => format!("***@{}", &authority[at + 1..]),
+        None => authority.to_owned(),
+    };
+    let path_end = tail.find(['?', '#']).unwrap_or(tail.len());
+    let (path, extra) = tail.split_at(path_end);
+    let mut out = format!("{scheme}://{host}{path}");
+    if extra.starts_with('?') {
+        out.push_str("?***");
+    }
+    if extra.contains('#') {
+        out.push_str("#***");
+    }
+    out
 }
 
 /// Writes the bytes of `chunks` into `out`, hashing and counting, refusing
@@ -87,18 +132,33 @@ impl<'a> Checker<'a> {
 
     fn take(&mut self, chunk: &[u8]) -> Result<(), FetchError> {
         self.count += chunk.len() as u64;
-        let bound = match (self.expect.size, self.expect.limit) {
-            (Some(size), Some(limit)) => Some(size.min(limit)),
-            (size, limit) => size.or(limit),
-        };
-        if let Some(bound) = bound.filter(|bound| self.count > *bound) {
+        self.check_size(self.count)?;
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    /// Refuses `bytes` beyond the declared size or the cap (also a length
+    /// a server announces, before any byte of it is written).
+    fn check_size(&self, bytes: u64) -> Result<(), FetchError> {
+        if let Some(declared) = self.expect.size.filter(|size| bytes > *size) {
             return Err(FetchError::TooLarge {
                 what: self.what.to_owned(),
                 from: self.from.to_owned(),
-                declared: bound,
+                declared,
             });
         }
-        self.hasher.update(chunk);
+        if let Some(limit) = self.expect.limit.filter(|limit| bytes > *limit) {
+            return Err(FetchError::OverLimit {
+                what: self.what.to_owned(),
+                from: self.from.to_owned(),
+                limit,
+                note: self
+                    .expect
+                    .limit_note
+                    .clone()
+                    .unwrap_or_else(|| "the most this file may be".into()),
+            });
+        }
         Ok(())
     }
 
@@ -164,7 +224,8 @@ pub fn fetch_file(
     checker.finish()
 }
 
-/// Downloads `url` into `dest` (created 0600), checked.
+/// Downloads `url` into `dest` (created 0600), checked. Errors name the
+/// URL in its [`redact_url`] form.
 pub fn fetch_url(
     what: &str,
     url: &str,
@@ -172,9 +233,10 @@ pub fn fetch_url(
     expect: &Expect,
     progress: &mut dyn FnMut(PullEvent),
 ) -> Result<Fetched, FetchError> {
+    let shown = redact_url(url);
     let http = |detail: String| FetchError::Http {
         what: what.to_owned(),
-        url: url.to_owned(),
+        url: shown.clone(),
         detail,
     };
     let io = |source| FetchError::Io {
@@ -187,7 +249,7 @@ pub fn fetch_url(
         .build()
         .map_err(io)?;
     let mut out = crate::fsutil::create_private(dest).map_err(io)?;
-    let mut checker = Checker::new(what, url, expect);
+    let mut checker = Checker::new(what, &shown, expect);
     runtime.block_on(async {
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(30))
@@ -201,11 +263,12 @@ pub fn fetch_url(
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|err| http(describe(&err)))?;
+            .map_err(|err| http(describe(err)))?;
         if let Some(total) = response.content_length() {
+            checker.check_size(total)?;
             progress(PullEvent::Total(total));
         }
-        while let Some(chunk) = response.chunk().await.map_err(|err| http(describe(&err)))? {
+        while let Some(chunk) = response.chunk().await.map_err(|err| http(describe(err)))? {
             checker.take(&chunk)?;
             out.write_all(&chunk).map_err(io)?;
             progress(PullEvent::Bytes(chunk.len() as u64));
@@ -216,10 +279,12 @@ pub fn fetch_url(
     checker.finish()
 }
 
-/// reqwest's error with its causes, which say what actually went wrong.
-fn describe(err: &reqwest::Error) -> String {
+/// reqwest's error with its causes, which say what actually went wrong;
+/// without the URL (the caller names it redacted).
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
@@ -245,7 +310,7 @@ mod tests {
         let good = Expect {
             sha256: Some(sha(b"kernel bytes")),
             size: Some(12),
-            limit: None,
+            ..Default::default()
         };
         let fetched = fetch_file("kernel", &src, &dest, &good, &mut |_| {}).unwrap();
         assert_eq!(fetched.size, 12);
@@ -275,13 +340,55 @@ mod tests {
             (
                 Expect {
                     limit: Some(4),
+                    limit_note: Some("the cap for test files".into()),
                     ..Default::default()
                 },
-                "larger than the 4 bytes",
+                "is larger than 4 bytes, the cap for test files; refused",
             ),
         ] {
             let err = fetch_file("kernel", &src, &dest, &expect, &mut |_| {}).unwrap_err();
             assert!(err.to_string().contains(message), "{err}");
         }
+    }
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        for (url, shown) in [
+            (
+                "https://user:pa%40ss@example.com:8443/a/rootfs.ext4?X-Amz-Signature=abc&x=1#frag",
+                "https://***@example.com:8443/a/rootfs.ext4?***#***",
+            ),
+            ("http://token@host/x", "http://***@host/x"),
+            ("http://u:p@host?sig=1", "http://***@host?***"),
+            ("http://a@b@host/p@q", "http://***@host/p@q"),
+            (
+                "https://example.com/rootfs.ext4",
+                "https://example.com/rootfs.ext4",
+            ),
+            (" http://u:p@host/x", "http://***@host/x"),
+            ("ftp://u:p@host/x", "ftp://***@host/x"),
+            ("/srv/bundles/bundle.json", "/srv/bundles/bundle.json"),
+            ("./odd?name", "./odd?name"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_download_error_names_the_url_without_its_secrets() {
+        // Nothing listens on port 9 of 127.0.0.1 here: the connection is
+        // refused, and the error still must not carry the secrets.
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch_url(
+            "kernel",
+            "http://user:hunter2@127.0.0.1:9/vmlinux?sig=hunter2",
+            &dir.path().join("dest"),
+            &Expect::default(),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("http://***@127.0.0.1:9/vmlinux?***"), "{err}");
     }
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 
 use super::{Manager, ManagerError};
 use crate::image::bundle::{machine_owned_arg, RootfsType};
-use crate::image::bundle_store::{AddReport, BundleError, BundleRecord, BundleStore};
+use crate::image::bundle_store::{
+    AddReport, BundleError, BundleRecord, BundleStore, DamagedBundle, RemovedBundle,
+};
 use crate::image::pull::PullEvent;
 use crate::spec::ImageSource;
 
@@ -75,16 +77,27 @@ impl Manager {
         Ok(store.install(&manifest, manifest_source, fetched, max, &pinned)?)
     }
 
+    /// The cached bundles; damaged entries skipped (see
+    /// [`Self::scan_bundles`] for them).
     pub fn bundles(&self) -> Result<Vec<BundleRecord>, ManagerError> {
         Ok(self.bundle_store().list()?)
+    }
+
+    /// The cached bundles, and the damaged entries listing skipped (each
+    /// one's `Display` is the warning to print).
+    pub fn scan_bundles(&self) -> Result<(Vec<BundleRecord>, Vec<DamagedBundle>), ManagerError> {
+        Ok(self.bundle_store().scan()?)
     }
 
     pub fn bundle(&self, id: &str) -> Result<BundleRecord, ManagerError> {
         Ok(self.bundle_store().require(id)?)
     }
 
-    /// Removes a bundle, refused while a VM uses it.
-    pub(super) fn remove_bundle(&self, id: &str) -> Result<BundleRecord, ManagerError> {
+    /// Removes a bundle (also a damaged one), refused while a VM uses it.
+    pub(super) fn remove_bundle(&self, id: &str) -> Result<RemovedBundle, ManagerError> {
+        // Image work, like an add: `image gc` (alone) never empties the
+        // scratch folder under this removal's feet.
+        let _in_use = self.image_work_lock(false)?;
         let store = self.bundle_store();
         let _alone = store.lock(true)?;
         let users = self.bundle_users(id)?;
@@ -120,7 +133,8 @@ impl Manager {
     }
 
     /// A bundle's kernel, root disk and arguments for a boot (and a mark
-    /// in the LRU clock).
+    /// in the LRU clock, under the cache lock: the VM pins the bundle, so
+    /// its files stay once the lock is released).
     pub(super) fn bundle_boot(&self, id: &str) -> Result<BundleBoot, ManagerError> {
         let store = self.bundle_store();
         let record = store.touch(id)?;
@@ -149,5 +163,104 @@ impl Manager {
             },
             cmdline_extra: extra.join(" "),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::manager::ManagerOptions;
+    use crate::record::Accel;
+
+    fn manager(state: &Path) -> Manager {
+        Manager::open(ManagerOptions {
+            state_dir: Some(state.to_path_buf()),
+            accel: Some(Accel::Tcg),
+        })
+        .unwrap()
+    }
+
+    /// Adds bundle `id`: an ELF header for a kernel, an ext4 magic for a
+    /// root file system (all the add checks).
+    fn add(m: &Manager, files: &Path, id: &str) {
+        std::fs::create_dir_all(files).unwrap();
+        let mut kernel = b"\x7fELF".to_vec();
+        kernel.resize(4096, 0);
+        let mut rootfs = vec![0u8; 4096];
+        rootfs[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+        std::fs::write(files.join("vmlinux"), kernel).unwrap();
+        std::fs::write(files.join("rootfs"), rootfs).unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 1, "bundleId": id, "arch": "x86_64", "rootfsType": "ext4",
+            "kernel": {"path": "vmlinux"}, "rootfs": {"path": "rootfs"},
+        });
+        let path = files.join(format!("{id}.json"));
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        m.add_bundle(path.to_str().unwrap(), Some(8), &mut |_| {})
+            .unwrap();
+    }
+
+    #[test]
+    fn removing_a_damaged_bundle_waits_for_image_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let m = manager(&state);
+        add(&m, &dir.path().join("files"), "a");
+        let record = m.bundle_store().bundle_dir("a").join("bundle.json");
+        std::fs::write(&record, b"not json").unwrap();
+        // `image gc` holds the image-work lock alone while it empties the
+        // scratch folders a removal goes through.
+        let gc = m.image_work_lock(true).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let remover = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let removed = manager(&state)
+                    .remove_image("bundle:a")
+                    .map_err(|err| err.to_string());
+                done.send(()).unwrap();
+                removed
+            })
+        };
+        assert!(
+            finished.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the removal did not wait for image gc"
+        );
+        drop(gc);
+        finished.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(remover.join().unwrap().unwrap(), "a");
+        assert!(!m.bundle_store().bundle_dir("a").exists());
+        assert!(m.scan_bundles().unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn a_boot_waits_while_the_cache_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let m = manager(&state);
+        add(&m, &dir.path().join("files"), "a");
+        let changing = m.bundle_store().lock(true).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let booter = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let boot = manager(&state).bundle_boot("a").map(|boot| boot.kernel);
+                done.send(()).unwrap();
+                boot.map_err(|err| err.to_string())
+            })
+        };
+        assert!(
+            finished.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the boot's touch did not wait for the cache lock"
+        );
+        drop(changing);
+        finished.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            booter.join().unwrap().unwrap(),
+            m.bundle_store().kernel_path("a")
+        );
     }
 }
