@@ -140,3 +140,52 @@ fn illegal_transitions_are_errors_not_no_ops() {
     assert_no_vms(&state);
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[test]
+fn a_static_address_outside_user_networking_is_refused() {
+    // SSH and every -p forward go to --ip: outside slirp's subnet (or on
+    // its gateway/DNS address) the VM could never be reached.
+    for (ip, expect) in [
+        (
+            "192.168.1.5/24",
+            "--ip 192.168.1.5/24: is outside the subnet",
+        ),
+        (
+            "10.0.2.2/24",
+            "--ip 10.0.2.2/24: is the gateway's own address",
+        ),
+    ] {
+        refused(
+            &[
+                "create",
+                "--name",
+                "a",
+                "--backend",
+                "noop",
+                "--network",
+                "user",
+                "--ip",
+                ip,
+            ],
+            &[],
+            expect,
+        );
+    }
+    refused(
+        &[
+            "create",
+            "--name",
+            "a",
+            "--backend",
+            "noop",
+            "-p",
+            "8080:80",
+            "--ip",
+            "10.0.2.15/24",
+            "--gateway",
+            "192.168.1.1",
+        ],
+        &[],
+        "--gateway 192.168.1.1: user-mode networking's only router is 10.0.2.2",
+    );
+}

@@ -3,7 +3,8 @@
 //! a disk image, booted with BIOS firmware from a per-VM overlay and a
 //! NoCloud seed, reached over SSH only (no agent in the image). One VM
 //! takes its address from slirp's DHCP, another a static one from the
-//! seed's network-config.
+//! seed's network-config. A third boots the same tree's GPT image through
+//! UEFI (OVMF, systemd-boot) and keeps its variable store across a restart.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic loudly
 
@@ -22,8 +23,9 @@ fn guest_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest"))
 }
 
-/// Builds the guest image once (the script skips a current image).
-fn guest_image() -> PathBuf {
+/// Builds the guest images once (the script skips current images) and
+/// returns the folder holding them.
+fn guest_images() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
@@ -47,7 +49,7 @@ fn guest_image() -> PathBuf {
                 "test guest ready in {:.1} s",
                 started.elapsed().as_secs_f64()
             );
-            dir.join("debian-bookworm-cloud.qcow2")
+            dir
         })
         .clone()
 }
@@ -63,33 +65,41 @@ fn boot(state: &Path, args: &[&str]) -> std::process::Output {
     wait_all(vec![spawn_hangar(state, args)], BOOT_TIMEOUT).remove(0)
 }
 
-/// The guest image added to `state` once as `disk:debian-test`, shared by
-/// the tests of this file.
+/// The BIOS guest image added to `state` once as `disk:debian-test`,
+/// shared by the tests of this file.
 fn add_guest_image(state: &Path) {
     static ADDED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ADDED.get_or_init(|| add_image(state, "debian-bookworm-cloud.qcow2", "debian-test"));
+}
+
+/// The UEFI guest image added to `state` once as `disk:debian-uefi-test`.
+fn add_uefi_guest_image(state: &Path) {
+    static ADDED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     ADDED.get_or_init(|| {
-        let image = guest_image();
-        let add = [
-            "image",
-            "add",
-            image.to_str().unwrap(),
-            "--name",
-            "debian-test",
-        ];
-        let mut out = hangar(state, &add);
-        // The state dir outlives the guest: one built by an older script
-        // is replaced.
-        if !out.status.success() && text(&out.stderr).contains("already stored with other content")
-        {
-            ok(&hangar(state, &["image", "rm", "disk:debian-test"]));
-            out = hangar(state, &add);
-        }
-        let added = ok(&out);
-        assert!(
-            added.starts_with("disk:debian-test qcow2 sha256:"),
-            "{added}"
-        );
+        add_image(
+            state,
+            "debian-bookworm-cloud-uefi.qcow2",
+            "debian-uefi-test",
+        )
     });
+}
+
+/// `hangar image add` of the built image `file` as `disk:NAME`.
+fn add_image(state: &Path, file: &str, name: &str) {
+    let image = guest_images().join(file);
+    let add = ["image", "add", image.to_str().unwrap(), "--name", name];
+    let mut out = hangar(state, &add);
+    // The state dir outlives the guest: one built by an older script is
+    // replaced.
+    if !out.status.success() && text(&out.stderr).contains("already stored with other content") {
+        ok(&hangar(state, &["image", "rm", &format!("disk:{name}")]));
+        out = hangar(state, &add);
+    }
+    let added = ok(&out);
+    assert!(
+        added.starts_with(&format!("disk:{name} qcow2 sha256:")),
+        "{added}"
+    );
 }
 
 /// Held by each test for its whole run: two cloud-init boots at once under
@@ -447,4 +457,132 @@ fn a_static_address_from_the_seed_has_its_route_and_dns_and_ssh_reaches_it() {
         ],
     ));
     assert_eq!(seen, "hangar\nsudo-ok\n");
+}
+
+/// OVMF's code, shared read-only by every UEFI VM (Debian's `ovmf`).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+/// A non-volatile UEFI variable the guest writes through efivarfs
+/// (`Name-GUID`; the file holds 4 bytes of attributes, then the data).
+const EFI_VAR: &str = "HangarTest-2d9f6c1e-8b47-4a0f-b3c5-71e0a6d4f982";
+
+/// `--uefi`: OVMF from a per-VM variable store boots the GPT image's ESP
+/// (systemd-boot at the removable-media path, no boot entry needed). A
+/// variable the guest writes is in that store after a stop, and the guest
+/// reads it back after the next start: the store is the VM's own and
+/// outlives its QEMU.
+#[test]
+fn a_uefi_guest_boots_through_ovmf_and_keeps_its_variable_store() {
+    let _one = one_guest_at_a_time();
+    let state = shared_state();
+    // The build script installs OVMF when it is missing.
+    add_uefi_guest_image(state);
+    assert!(
+        Path::new(OVMF_CODE).is_file(),
+        "the UEFI test needs {OVMF_CODE}: apt-get install ovmf (CI={:?})",
+        std::env::var("CI").ok()
+    );
+
+    let vm = unique("uefi");
+    ok(&hangar(
+        state,
+        &[
+            "create",
+            "--name",
+            &vm,
+            "--image",
+            "disk:debian-uefi-test",
+            "--uefi",
+            "--hostname",
+            "uefi-host",
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+        ],
+    ));
+    let _guard = VmGuard {
+        state,
+        name: vm.clone(),
+    };
+    let work_dir = PathBuf::from(inspect(state, &vm)["work_dir"].as_str().unwrap());
+    let vars = work_dir.join("OVMF_VARS.fd");
+
+    let started = Instant::now();
+    ok(&boot(state, &["start", &vm]));
+    eprintln!(
+        "UEFI: boot to SSH in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let vars_inode = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(&vars)
+            .unwrap_or_else(|e| panic!("{}: {e} (no variable store)", vars.display())),
+    );
+
+    // Booted through UEFI from the GPT disk's second partition; cloud-init
+    // ran (hostname) and exec works as the seeded user with sudo.
+    let seen = ok(&hangar(
+        state,
+        &[
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "test -d /sys/firmware/efi && echo uefi; findmnt -no SOURCE /; \
+             hostname; id -un; sudo -n true && echo sudo-ok",
+        ],
+    ));
+    assert_eq!(seen, "uefi\n/dev/vda2\nuefi-host\nhangar\nsudo-ok\n");
+    // Attributes 7: non-volatile, boot and runtime access. efivarfs files
+    // cannot seek, hence `cat | tail`.
+    let write = format!(
+        "sudo -n sh -c 'printf \"\\007\\000\\000\\000hangar-nvram\" \
+         > /sys/firmware/efi/efivars/{EFI_VAR}' && cat /sys/firmware/efi/efivars/{EFI_VAR} | tail -c +5"
+    );
+    assert_eq!(
+        ok(&hangar(state, &["exec", &vm, "--", "sh", "-c", &write])),
+        "hangar-nvram"
+    );
+
+    ok(&hangar(state, &["stop", &vm]));
+    let store = std::fs::read(&vars).unwrap();
+    let name: Vec<u8> = "HangarTest"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let has = |needle: &[u8]| store.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        has(&name) && has(b"hangar-nvram"),
+        "the variable the guest wrote is not in {} ({} bytes)",
+        vars.display(),
+        store.len()
+    );
+
+    let started = Instant::now();
+    ok(&boot(state, &["start", &vm]));
+    eprintln!(
+        "UEFI: second boot to SSH in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let seen = ok(&hangar(
+        state,
+        &[
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "test -d /sys/firmware/efi && echo uefi; hostname; \
+                 ls /sys/block | grep ^vd; cat /sys/firmware/efi/efivars/{EFI_VAR} | tail -c +5"
+            ),
+        ],
+    ));
+    assert_eq!(seen, "uefi\nuefi-host\nvda\nhangar-nvram");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&vars).unwrap()),
+        vars_inode,
+        "the variable store was replaced on the second start"
+    );
 }

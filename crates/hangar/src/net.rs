@@ -12,6 +12,15 @@ use std::net::{Ipv4Addr, TcpListener};
 
 use crate::spec::PortForward;
 
+/// User-mode (slirp) networking as QEMU sets it up: the guest's subnet,
+/// the host side's gateway and DNS addresses in it, and the first
+/// address its DHCP server hands out.
+pub const USER_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
+pub const USER_PREFIX: u8 = 24;
+pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const USER_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+pub const USER_DHCP_START: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
 /// Marks the first byte of a MAC locally administered (bit 1) and unicast
 /// (bit 0 clear).
 pub fn local_unicast(first: u8) -> u8 {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::net::{USER_DHCP_START, USER_DNS, USER_GATEWAY, USER_PREFIX, USER_SUBNET};
 use crate::size::{ByteSize, GIB, MIB};
 
 /// Namespace used when none is given.
@@ -158,13 +159,26 @@ pub struct StaticNetwork {
     pub dns: Vec<String>,
 }
 
-/// How to reach the guest over SSH when it has no agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How to reach the guest over SSH when it has no agent. The private key
+/// is a file of the user's (`private_key_path`), one given in memory to
+/// [`crate::Manager::create_with_ssh_key`], or else Hangar's per-VM key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshSpec {
     pub user: String,
+    /// For a key given in memory: its public half (authorized_keys line),
+    /// set by Hangar so a key given again can be checked against it.
     pub public_key: Option<String>,
     pub private_key_path: Option<PathBuf>,
+    /// The private key was given in memory: only the process holding it
+    /// can reach the guest (see [`crate::Manager::supply_ssh_key`]). The
+    /// key itself is never recorded.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub private_key_in_memory: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// An extra disk: a new empty one of `size` (kept in the VM's work dir),
@@ -215,6 +229,12 @@ pub enum SpecError {
         "data disk {index}: give either a size (a new disk) or a path (a host file), not {what}"
     )]
     DataDisk { index: usize, what: &'static str },
+    #[error("ssh: give the private key either as a file (private_key_path, --ssh-private-key) or in memory, not both")]
+    SshKeyTwice,
+    #[error("--ip {address}: {problem}; user-mode networking is the subnet {}/{} (gateway {}, DNS {}, DHCP from {}) and SSH is forwarded to --ip: give an address in it such as {}/{}, or leave --ip out for DHCP (another subnet needs TAP networking)", USER_SUBNET, USER_PREFIX, USER_GATEWAY, USER_DNS, USER_DHCP_START, USER_DHCP_START, USER_PREFIX)]
+    UserNetAddress { address: String, problem: String },
+    #[error("--gateway {gateway}: user-mode networking's only router is {}; give --gateway {} (another gateway needs TAP networking)", USER_GATEWAY, USER_GATEWAY)]
+    UserNetGateway { gateway: String },
 }
 
 /// Checks a VM or namespace name: DNS-label-like, so it can also be a
@@ -315,9 +335,71 @@ impl VmSpec {
             {
                 return Err(SpecError::PortTwice { host: twice.host });
             }
+            if let Some(network) = self.cloud_init.as_ref().and_then(|c| c.network.as_ref()) {
+                check_user_net_address(network)?;
+            }
+        }
+        if self
+            .ssh
+            .as_ref()
+            .is_some_and(|s| s.private_key_in_memory && s.private_key_path.is_some())
+        {
+            return Err(SpecError::SshKeyTwice);
         }
         Ok(())
     }
+}
+
+/// A static address under user-mode networking must be one slirp routes
+/// to: in its subnet, not one of its own addresses, with its gateway.
+/// (Malformed values are left to the seed's checks, which name them.)
+fn check_user_net_address(network: &StaticNetwork) -> Result<(), SpecError> {
+    let refuse = |problem: &str| SpecError::UserNetAddress {
+        address: network.address.clone(),
+        problem: problem.to_owned(),
+    };
+    let Some((address, prefix)) = network.address.split_once('/') else {
+        return Ok(());
+    };
+    let (Ok(ip), Ok(prefix)) = (address.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
+        return Ok(());
+    };
+    let std::net::IpAddr::V4(ip) = ip else {
+        return Err(refuse(
+            "is IPv6, and user-mode networking forwards to an IPv4 address",
+        ));
+    };
+    let mask = u32::MAX << (32 - u32::from(USER_PREFIX));
+    if u32::from(ip) & mask != u32::from(USER_SUBNET) {
+        return Err(refuse("is outside the subnet"));
+    }
+    let broadcast = std::net::Ipv4Addr::from(u32::from(USER_SUBNET) | !mask);
+    let taken = [
+        (USER_SUBNET, "is the subnet's network address"),
+        (broadcast, "is the subnet's broadcast address"),
+        (USER_GATEWAY, "is the gateway's own address"),
+        (USER_DNS, "is the DNS server's own address"),
+    ];
+    if let Some((_, problem)) = taken.iter().find(|(taken, _)| *taken == ip) {
+        return Err(refuse(problem));
+    }
+    if prefix != USER_PREFIX {
+        return Err(refuse(&format!(
+            "has the prefix /{prefix}, and the subnet is /{USER_PREFIX}"
+        )));
+    }
+    if let Some(gateway) = &network.gateway {
+        if gateway
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|gateway| gateway != USER_GATEWAY)
+            || gateway.parse::<std::net::Ipv6Addr>().is_ok()
+        {
+            return Err(SpecError::UserNetGateway {
+                gateway: gateway.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -355,6 +437,79 @@ mod tests {
         spec.cpus = 1;
         spec.kernel_args = vec!["a b".into()];
         assert!(matches!(spec.validate(), Err(SpecError::KernelArg { .. })));
+    }
+
+    fn user_net_with(address: &str, gateway: Option<&str>) -> VmSpec {
+        let mut spec = VmSpec::new("web");
+        spec.network = NetworkSpec::User {
+            forwards: Vec::new(),
+        };
+        spec.cloud_init = Some(CloudInitSpec {
+            network: Some(StaticNetwork {
+                address: address.into(),
+                gateway: gateway.map(str::to_owned),
+                dns: vec!["1.1.1.1".into()],
+            }),
+            ..Default::default()
+        });
+        spec
+    }
+
+    #[test]
+    fn static_addresses_under_user_networking_are_in_slirps_subnet() {
+        for good in [
+            "10.0.2.15/24",
+            "10.0.2.50/24",
+            "10.0.2.4/24",
+            "10.0.2.254/24",
+        ] {
+            user_net_with(good, Some("10.0.2.2")).validate().unwrap();
+            user_net_with(good, None).validate().unwrap();
+        }
+        for (bad, problem) in [
+            ("192.168.1.5/24", "is outside the subnet"),
+            ("10.0.3.15/24", "is outside the subnet"),
+            ("10.0.2.2/24", "gateway's own address"),
+            ("10.0.2.3/24", "DNS server's own address"),
+            ("10.0.2.0/24", "network address"),
+            ("10.0.2.255/24", "broadcast address"),
+            ("10.0.2.15/16", "prefix /16"),
+            ("fd00::5/64", "is IPv6"),
+        ] {
+            let err = user_net_with(bad, None).validate().unwrap_err();
+            assert!(
+                matches!(err, SpecError::UserNetAddress { .. }),
+                "{bad}: {err:?}"
+            );
+            let text = err.to_string();
+            for part in [
+                format!("--ip {bad}: "),
+                problem.into(),
+                "10.0.2.0/24".into(),
+            ] {
+                assert!(text.contains(&part), "{bad}: {text}");
+            }
+            assert!(text.contains("such as 10.0.2.15/24"), "{text}");
+        }
+        for gateway in ["10.0.2.1", "192.168.1.1", "fd00::1"] {
+            let err = user_net_with("10.0.2.15/24", Some(gateway))
+                .validate()
+                .unwrap_err();
+            assert_eq!(
+                err,
+                SpecError::UserNetGateway {
+                    gateway: gateway.into()
+                }
+            );
+            assert!(err.to_string().contains("--gateway 10.0.2.2"), "{err}");
+        }
+        // Malformed values are the seed's to name; TAP keeps any address.
+        user_net_with("not-an-address", None).validate().unwrap();
+        let mut tap = user_net_with("192.168.1.5/24", Some("192.168.1.1"));
+        tap.network = NetworkSpec::Tap {
+            bridge: "br0".into(),
+        };
+        tap.validate().unwrap();
     }
 
     #[test]

@@ -99,7 +99,6 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
     if resources.ssh_user.is_some() || resources.ssh_private_key.is_some() {
         spec.ssh = Some(hangar::spec::SshSpec {
             user: resources.ssh_user.clone().unwrap_or_default(),
-            public_key: None,
             private_key_path: match &resources.ssh_private_key {
                 Some(path) => Some(
                     std::path::absolute(path)
@@ -107,6 +106,7 @@ pub fn spec_from(name: String, resources: &ResourceArgs) -> anyhow::Result<VmSpe
                 ),
                 None => None,
             },
+            ..Default::default()
         });
     }
     for size in &resources.data_disks {

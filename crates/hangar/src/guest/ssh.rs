@@ -24,6 +24,9 @@ use super::OutputSink;
 pub enum SshError {
     #[error("SSH key {path}: {detail}")]
     Key { path: PathBuf, detail: String },
+    /// The message never quotes the key text.
+    #[error("SSH private key given in memory: {detail}; give an OpenSSH private key without a passphrase (the text of a file that starts with -----BEGIN OPENSSH PRIVATE KEY-----)")]
+    MemoryKey { detail: String },
     #[error("SSH to {addr}: the guest's host key changed (recorded {expected}, now {got}); if the guest was rebuilt on purpose, recreate the VM")]
     HostKeyChanged {
         addr: SocketAddr,
@@ -57,10 +60,93 @@ pub enum SshError {
 pub struct SshTarget {
     pub addr: SocketAddr,
     pub user: String,
-    pub key_path: PathBuf,
+    pub key: SshKey,
     /// The host key recorded on first contact (OpenSSH format); required
     /// from then on.
     pub host_key: Option<String>,
+}
+
+/// The private key a target logs in with.
+#[derive(Clone, Debug)]
+pub enum SshKey {
+    /// A private key file (Hangar's per-VM key, or the user's own).
+    File(PathBuf),
+    /// A key given in memory, held only by this process.
+    Memory(SshPrivateKey),
+}
+
+impl SshKey {
+    fn load(&self) -> Result<PrivateKey, SshError> {
+        match self {
+            Self::File(path) => load_key(path),
+            Self::Memory(key) => Ok(PrivateKey::clone(&key.key)),
+        }
+    }
+}
+
+/// A private key given in memory (OpenSSH text): parsed once, never
+/// written anywhere, its secret parts wiped when the last copy drops
+/// (ssh-key zeroizes them), and never printed: `Debug` shows the public
+/// half's fingerprint.
+#[derive(Clone)]
+pub struct SshPrivateKey {
+    key: Arc<PrivateKey>,
+}
+
+impl SshPrivateKey {
+    /// Parses and checks a private key: OpenSSH (or PEM/PKCS#8) text
+    /// without a passphrase, the formats a key file may have.
+    pub fn from_openssh(text: &str) -> Result<Self, SshError> {
+        let detail = |detail: &str| SshError::MemoryKey {
+            detail: detail.to_owned(),
+        };
+        if !text.trim_start().starts_with("-----BEGIN ") {
+            return Err(detail("this is not a PEM private key"));
+        }
+        let key = russh::keys::decode_secret_key(text, None).map_err(|err| match err {
+            russh::keys::Error::KeyIsEncrypted => detail("the key is protected by a passphrase"),
+            // Decoding errors name what failed, never the bytes.
+            other => SshError::MemoryKey {
+                detail: other.to_string(),
+            },
+        })?;
+        if key.is_encrypted() {
+            return Err(detail("the key is protected by a passphrase"));
+        }
+        Ok(Self { key: Arc::new(key) })
+    }
+
+    /// The authorized_keys line of the public half.
+    pub fn public_key(&self) -> Result<String, SshError> {
+        self.key
+            .public_key()
+            .to_openssh()
+            .map_err(|err| SshError::MemoryKey {
+                detail: err.to_string(),
+            })
+    }
+
+    /// Whether `public` (an authorized_keys line) is this key's public half.
+    pub fn matches(&self, public: &str) -> bool {
+        PublicKey::from_openssh(public.trim())
+            .is_ok_and(|public| public.key_data() == self.key.public_key().key_data())
+    }
+
+    /// The public half's SHA256 fingerprint, as `ssh-keygen -l` prints it.
+    pub fn fingerprint(&self) -> String {
+        self.key
+            .public_key()
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string()
+    }
+}
+
+impl std::fmt::Debug for SshPrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshPrivateKey")
+            .field("public", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A new Ed25519 key pair, both halves in OpenSSH format: the private key
@@ -272,7 +358,7 @@ pub fn wait_ready(
     timeout: Duration,
     check: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<String, SshError> {
-    let key = load_key(&target.key_path)?;
+    let key = target.key.load()?;
     let runtime = runtime()?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(250);
@@ -318,7 +404,7 @@ pub fn exec(
     sink: &mut dyn OutputSink,
     check: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<ExitStatus, SshError> {
-    let key = load_key(&target.key_path)?;
+    let key = target.key.load()?;
     let addr = target.addr;
     let session = |detail: String| SshError::Session { addr, detail };
     // Host stdin is read on a thread (blocking reads) and handed over in
@@ -439,6 +525,66 @@ mod tests {
             r#"cd '/tmp/it'\''s' && exec env 'K=v w' 'sh' '-c' 'echo '\''a b'\'' $HOME; rm -rf /'"#
         );
         assert_eq!(shell_quote(""), "''");
+    }
+
+    /// A throwaway Ed25519 key protected by the passphrase "secret pass".
+    const ENCRYPTED_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABD4NH8ABJ
+IRsi/+W7WdedLuAAAAEAAAAAEAAAAzAAAAC3NzaC1lZDI1NTE5AAAAIDBYSGBz0yd43IO/
+am+ugVKIHqoRwN0R9w2HITeQdc+uAAAAkMxx3go5D8PinKUL+t51yqdcGOAkcerxOLGixZ
+CYFNqnn/hPStDqBELJiJMaQz1fBCoVJvxDShb6TgL+bTXsYKAj4gY4WsF7wgIKY1MwpCUi
+Wij+3Jixh7CtfxHJFzXsz7coP5BcOBkXNsmKk4eW5Uwyuy+kaWdjjptAfljkVSK6rPy9PC
+j4mi3iL0Q8ibbsQA==
+-----END OPENSSH PRIVATE KEY-----
+";
+
+    /// The base64 lines of a PEM: what must never be printed.
+    fn body_lines(pem: &str) -> Vec<&str> {
+        pem.lines().filter(|l| !l.starts_with("-----")).collect()
+    }
+
+    #[test]
+    fn a_key_in_memory_loads_and_never_prints() {
+        let pair = generate_key("mem@vm").unwrap();
+        let key = SshPrivateKey::from_openssh(&pair.private).unwrap();
+        assert_eq!(key.public_key().unwrap(), pair.public);
+        assert!(key.matches(&pair.public));
+        assert!(!key.matches(&generate_key("other").unwrap().public));
+        let target = SshTarget {
+            addr: "127.0.0.1:22".parse().unwrap(),
+            user: "u".into(),
+            key: SshKey::Memory(key.clone()),
+            host_key: None,
+        };
+        let loaded = target.key.load().unwrap();
+        assert_eq!(loaded.public_key().to_openssh().unwrap(), pair.public);
+        let printed = format!("{target:?} {key:?} {key:#?}");
+        assert!(printed.contains(&key.fingerprint()), "{printed}");
+        for line in body_lines(&pair.private) {
+            assert!(!printed.contains(line), "key material in {printed}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_in_memory_is_refused_without_quoting_it() {
+        let pair = generate_key("x").unwrap();
+        let cut = &pair.private[..pair.private.len() / 2];
+        for (text, expect) in [
+            (
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA pub",
+                "not a PEM private key",
+            ),
+            ("", "not a PEM private key"),
+            (ENCRYPTED_KEY, "protected by a passphrase"),
+            (cut, "OpenSSH private key without a passphrase"),
+        ] {
+            let err = SshPrivateKey::from_openssh(text).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err}");
+            assert!(err.contains("without a passphrase"), "{err}");
+            for line in body_lines(text).into_iter().chain(body_lines(cut)) {
+                assert!(line.is_empty() || !err.contains(line), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::fetch::{fetch_file, fetch_url, Expect, FetchError};
+use super::fetch::{fetch_file, fetch_url, redact_url, Expect, FetchError};
 use super::pull::PullEvent;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,8 @@ pub struct DiskRecord {
     /// Bytes on the host.
     pub file_size: u64,
     pub sha256: String,
-    /// The path or URL it was added from.
+    /// The path or URL it was added from (a URL without its secrets:
+    /// `user:pass@` and the query string are `***`).
     pub source: String,
     pub added_at: DateTime<Utc>,
 }
@@ -253,6 +254,9 @@ impl DiskCatalog {
             ..Default::default()
         };
         let what = format!("disk image {name}");
+        // What is recorded and printed: a URL's credentials or signed
+        // query never reach the disk or an error.
+        let shown = redact_url(source);
         progress(PullEvent::Step(format!("fetching {name}")));
         let fetched = if source.starts_with("http://") || source.starts_with("https://") {
             fetch_url(&what, source, &disk, &expect, progress)?
@@ -261,7 +265,7 @@ impl DiskCatalog {
         };
         let detected = detect_file(&disk).map_err(|err| match err {
             DiskError::Format { problem, .. } => DiskError::Format {
-                from: source.to_owned(),
+                from: shown.clone(),
                 problem,
             },
             other => other,
@@ -281,7 +285,7 @@ impl DiskCatalog {
             virtual_size: detected.virtual_size,
             file_size: fetched.size,
             sha256: fetched.sha256,
-            source: source.to_owned(),
+            source: shown,
             added_at: Utc::now(),
         };
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();

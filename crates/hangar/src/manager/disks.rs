@@ -90,7 +90,8 @@ pub(super) fn disk_defaults(spec: &mut VmSpec) {
         }
     }
     if spec.ssh.as_ref().is_none_or(|s| s.user.is_empty()) {
-        let private_key_path = spec.ssh.take().and_then(|s| s.private_key_path);
+        // The key settings stay; only the user is filled in.
+        let key = spec.ssh.take().unwrap_or_default();
         let user = match &cloud_init.user_data {
             // The user's own user-data: keys go to the image's default
             // user, whose name Hangar cannot know; the caller names it.
@@ -100,11 +101,7 @@ pub(super) fn disk_defaults(spec: &mut VmSpec) {
                 .clone()
                 .unwrap_or_else(|| crate::cloudinit::nocloud::DEFAULT_USER.into()),
         };
-        spec.ssh = Some(SshSpec {
-            user,
-            public_key: None,
-            private_key_path,
-        });
+        spec.ssh = Some(SshSpec { user, ..key });
     }
 }
 
@@ -145,8 +142,8 @@ mod tests {
         };
         spec.ssh = Some(SshSpec {
             user: "alice".into(),
-            public_key: None,
             private_key_path: Some("/keys/id".into()),
+            ..SshSpec::default()
         });
         disk_defaults(&mut spec);
         let NetworkSpec::User { forwards } = &spec.network else {
@@ -163,8 +160,8 @@ mod tests {
         let mut spec = disk_spec();
         spec.ssh = Some(SshSpec {
             user: String::new(),
-            public_key: None,
             private_key_path: Some("/keys/id".into()),
+            ..SshSpec::default()
         });
         disk_defaults(&mut spec);
         let ssh = spec.ssh.unwrap();

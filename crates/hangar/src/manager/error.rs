@@ -94,6 +94,8 @@ pub enum ManagerError {
         #[source]
         source: crate::guest::ssh::SshError,
     },
+    #[error("VM {name}: its SSH private key was given in memory to the process that created it, and this process does not hold it; give it again with Manager::supply_ssh_key (the library call), or recreate the VM with a key file (--ssh-private-key FILE)")]
+    SshKeyNotHeld { name: String },
     #[error("{0}")]
     Config(String),
     #[error("interrupted")]

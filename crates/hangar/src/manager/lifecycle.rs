@@ -66,6 +66,7 @@ impl Manager {
             let mut probe = record.clone();
             transition(&mut probe, VmState::Starting, "start it")?;
         }
+        self.check_ssh_key_held(&record)?;
         let mut plan = self.plan(&record)?;
         if let Some(incoming) = &incoming {
             incoming.adjust(&mut plan);

@@ -18,12 +18,14 @@ mod snapshots;
 mod ssh;
 mod up;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::backend::noop::NoopBackend;
 use crate::backend::qemu::accel::{self, AccelChoice, ProbeInputs};
 use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
+use crate::guest::ssh::SshPrivateKey;
 use crate::image::{ensure_default_image, DefaultImage};
 use crate::layout::{create_private_dir, Layout};
 use crate::record::{Accel, BackendKind, ProcessRef, VmRecord, VmSummary};
@@ -61,6 +63,9 @@ pub struct Manager {
     noop: NoopBackend,
     forced_accel: Option<Accel>,
     accel: Option<AccelChoice>,
+    /// SSH private keys given in memory, by VM id: held by this manager
+    /// only, never written anywhere (their `Debug` shows fingerprints).
+    ssh_keys: HashMap<String, SshPrivateKey>,
 }
 
 impl Manager {
@@ -78,6 +83,7 @@ impl Manager {
             noop: NoopBackend::from_env(),
             forced_accel,
             accel: None,
+            ssh_keys: HashMap::new(),
         })
     }
 
@@ -98,7 +104,7 @@ impl Manager {
     /// Records a new VM (state `created`) after checking the spec and the
     /// host. On any error nothing is left behind.
     pub fn create(&mut self, spec: VmSpec, backend: BackendKind) -> Result<VmRecord, ManagerError> {
-        self.create_record(spec, backend, None, None)
+        self.create_record(spec, backend, None, None, None)
     }
 
     /// [`Self::create`] with a password for the cloud-init seed: it goes
@@ -110,7 +116,25 @@ impl Manager {
         backend: BackendKind,
         password: Option<&str>,
     ) -> Result<VmRecord, ManagerError> {
-        self.create_record(spec, backend, None, password)
+        self.create_record(spec, backend, None, password, None)
+    }
+
+    /// [`Self::create_with_password`] for a VM of a disk image reached over
+    /// SSH with a private key given in memory (OpenSSH text, no
+    /// passphrase) instead of a file: the seed authorizes its public half,
+    /// the record says only that the key is in memory, and this manager
+    /// holds the key for start, exec and cp. Another manager (a later
+    /// process) needs it again: [`Self::supply_ssh_key`].
+    pub fn create_with_ssh_key(
+        &mut self,
+        spec: VmSpec,
+        backend: BackendKind,
+        private_key: &str,
+        password: Option<&str>,
+    ) -> Result<VmRecord, ManagerError> {
+        let key = SshPrivateKey::from_openssh(private_key)
+            .map_err(|err| ManagerError::Config(err.to_string()))?;
+        self.create_record(spec, backend, None, password, Some(key))
     }
 
     /// The record goes in first, then the work dir: a crash in between
@@ -122,8 +146,10 @@ impl Manager {
         backend: BackendKind,
         ephemeral_for: Option<ProcessRef>,
         password: Option<&str>,
+        memory_key: Option<SshPrivateKey>,
     ) -> Result<VmRecord, ManagerError> {
         let mut spec = spec;
+        ssh::mark_memory_key(&mut spec, memory_key.as_ref())?;
         disks::disk_defaults(&mut spec);
         spec.validate()?;
         let static_address = spec
@@ -158,7 +184,7 @@ impl Manager {
         // A VM reached over SSH gets its own key pair; the seed
         // authorizes it.
         let key = match &record.spec.ssh {
-            Some(ssh) if ssh.private_key_path.is_none() => Some(
+            Some(ssh) if ssh.private_key_path.is_none() && !ssh.private_key_in_memory => Some(
                 crate::guest::ssh::generate_key(&format!("hangar@{}", record.name))
                     .map_err(|err| ManagerError::Config(err.to_string()))?,
             ),
@@ -177,6 +203,15 @@ impl Manager {
                     "--ssh-private-key: {err} (an OpenSSH private key without a passphrase)"
                 ))
             })?;
+            extra_keys.push(public);
+        }
+        if let Some(public) = record
+            .spec
+            .ssh
+            .as_ref()
+            .filter(|s| s.private_key_in_memory)
+            .and_then(|s| s.public_key.clone())
+        {
             extra_keys.push(public);
         }
         // Built (and so validated) before anything is recorded.
@@ -210,6 +245,9 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&work_dir);
             let _ = self.store.delete(&record.id);
             return Err(err);
+        }
+        if let Some(key) = memory_key {
+            self.ssh_keys.insert(record.id.clone(), key);
         }
         Ok(record)
     }
@@ -330,6 +368,7 @@ impl Manager {
             }
         }
         self.store.delete(&record.id)?;
+        self.ssh_keys.remove(&record.id);
         Ok(())
     }
 

@@ -130,7 +130,7 @@ impl Manager {
         // Without `keep` the VM belongs to this process: if it dies (even
         // by SIGKILL), `gc` removes the VM.
         let ephemeral_for = if keep { None } else { process::current() };
-        let record = self.create_record(spec, BackendKind::Qemu, ephemeral_for, None)?;
+        let record = self.create_record(spec, BackendKind::Qemu, ephemeral_for, None, None)?;
         let request = match self.runnable(&record, request) {
             Ok(request) => request,
             Err(err) => {

@@ -9,10 +9,10 @@ use hangar_proto::{CopySummary, ExecRequest, ExitStatus};
 
 use super::lifecycle::{vmm_alive_check, vmm_only_check};
 use super::{Manager, ManagerError};
-use crate::guest::ssh::{self, SshError, SshTarget};
+use crate::guest::ssh::{self, SshError, SshKey, SshPrivateKey, SshTarget};
 use crate::guest::{ExecIo, OutputSink};
 use crate::record::{Accel, VmRecord, VmState};
-use crate::spec::ImageSource;
+use crate::spec::{ImageSource, SshSpec, VmSpec};
 
 /// How long a first boot may take to reach SSH: cloud-init under TCG
 /// takes most of a minute.
@@ -24,12 +24,105 @@ pub(super) fn uses_ssh(record: &VmRecord) -> bool {
     record.spec.ssh.is_some() && matches!(record.spec.image, ImageSource::Disk { .. })
 }
 
+/// Create's part for a key given in memory: the spec says so and carries
+/// the public half (what a key given again is checked against); a spec
+/// that says so without a key is refused, before anything is recorded.
+pub(super) fn mark_memory_key(
+    spec: &mut VmSpec,
+    key: Option<&SshPrivateKey>,
+) -> Result<(), ManagerError> {
+    let Some(key) = key else {
+        if spec.ssh.as_ref().is_some_and(|s| s.private_key_in_memory) {
+            return Err(ManagerError::Config(
+                "ssh.private_key_in_memory is set but no key was given: pass the key to Manager::create_with_ssh_key, or give private_key_path".into(),
+            ));
+        }
+        return Ok(());
+    };
+    if !matches!(spec.image, ImageSource::Disk { .. }) {
+        return Err(crate::spec::SpecError::DiskOnly {
+            field: "an SSH private key",
+        }
+        .into());
+    }
+    let ssh = spec.ssh.get_or_insert_with(SshSpec::default);
+    ssh.private_key_in_memory = true;
+    ssh.public_key = Some(
+        key.public_key()
+            .map_err(|err| ManagerError::Config(err.to_string()))?,
+    );
+    Ok(())
+}
+
 impl Manager {
+    /// Gives this manager the in-memory SSH private key of a VM created
+    /// with one ([`Self::create_with_ssh_key`]), e.g. in a later process.
+    /// Refused for other VMs and for a key that is not the VM's.
+    pub fn supply_ssh_key(
+        &mut self,
+        namespace: Option<&str>,
+        key: &str,
+        private_key: &str,
+    ) -> Result<(), ManagerError> {
+        let record = self.store.find(namespace, key)?;
+        let Some(expected) = record
+            .spec
+            .ssh
+            .as_ref()
+            .filter(|s| s.private_key_in_memory)
+            .map(|s| s.public_key.clone().unwrap_or_default())
+        else {
+            return Err(ManagerError::Config(format!(
+                "VM {}: its SSH key is not one given in memory; nothing to supply",
+                record.name
+            )));
+        };
+        let private_key = SshPrivateKey::from_openssh(private_key)
+            .map_err(|err| ManagerError::Config(format!("VM {}: {err}", record.name)))?;
+        if !private_key.matches(&expected) {
+            return Err(ManagerError::Config(format!(
+                "VM {}: this SSH private key ({}) is not the one the VM was created with; give that one",
+                record.name,
+                private_key.fingerprint()
+            )));
+        }
+        self.ssh_keys.insert(record.id, private_key);
+        Ok(())
+    }
+
+    /// The private key for a VM's SSH server: its file, or the in-memory
+    /// key this manager holds (else an error that says how to give it).
+    fn ssh_key(&self, record: &VmRecord, ssh: &SshSpec) -> Result<SshKey, ManagerError> {
+        if ssh.private_key_in_memory {
+            return match self.ssh_keys.get(&record.id) {
+                Some(key) => Ok(SshKey::Memory(key.clone())),
+                None => Err(ManagerError::SshKeyNotHeld {
+                    name: record.name.clone(),
+                }),
+            };
+        }
+        Ok(SshKey::File(
+            ssh.private_key_path
+                .clone()
+                .unwrap_or_else(|| super::ssh_key_path(&record.work_dir)),
+        ))
+    }
+
+    /// Start's check, before anything is launched: an SSH VM whose key
+    /// was given in memory needs this manager to hold it.
+    pub(super) fn check_ssh_key_held(&self, record: &VmRecord) -> Result<(), ManagerError> {
+        match record.spec.ssh.as_ref().filter(|_| uses_ssh(record)) {
+            Some(ssh) => self.ssh_key(record, ssh).map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// The address, user and key to reach a VM's SSH server.
     pub(super) fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, ManagerError> {
         let ssh = record.spec.ssh.as_ref().ok_or_else(|| {
             ManagerError::Config(format!("VM {} has no SSH settings", record.name))
         })?;
+        let key = self.ssh_key(record, ssh)?;
         let port = record
             .ports
             .iter()
@@ -44,10 +137,7 @@ impl Manager {
         Ok(SshTarget {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             user: ssh.user.clone(),
-            key_path: ssh
-                .private_key_path
-                .clone()
-                .unwrap_or_else(|| super::ssh_key_path(&record.work_dir)),
+            key,
             host_key: record.ssh_host_key.clone(),
         })
     }
@@ -127,6 +217,12 @@ impl Manager {
             });
         }
         let target = self.ssh_target(&record)?;
+        let SshKey::File(key_path) = &target.key else {
+            return Err(ManagerError::Config(format!(
+                "VM {}: its SSH private key is held in memory only, and the ssh client needs a key file; use exec and cp, or recreate the VM with a key file (--ssh-private-key FILE)",
+                record.name
+            )));
+        };
         let host_key = target.host_key.clone().ok_or_else(|| {
             ManagerError::Config(format!("VM {} has no recorded host key yet", record.name))
         })?;
@@ -139,7 +235,7 @@ impl Manager {
             }
         })?;
         let mut argv: Vec<std::ffi::OsString> = vec!["ssh".into(), "-i".into()];
-        argv.push(target.key_path.into_os_string());
+        argv.push(key_path.clone().into_os_string());
         argv.extend(["-p".into(), target.addr.port().to_string().into()]);
         argv.extend(["-o".into(), "IdentitiesOnly=yes".into()]);
         argv.extend(["-o".into(), "StrictHostKeyChecking=yes".into()]);
@@ -376,5 +472,157 @@ impl OutputSink for PipeSink {
         if self.stderr.len() < 64 * 1024 {
             self.stderr.extend_from_slice(chunk);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::ManagerOptions;
+    use crate::record::BackendKind;
+
+    fn manager(dir: &Path) -> Manager {
+        Manager::open(ManagerOptions {
+            state_dir: Some(dir.to_path_buf()),
+            accel: Some(Accel::Tcg),
+        })
+        .unwrap()
+    }
+
+    /// A manager with a small raw disk image `disk:d`, and a spec of it.
+    fn with_disk_image(dir: &Path) -> (Manager, VmSpec) {
+        let m = manager(&dir.join("state"));
+        let raw = dir.join("d.raw");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        m.add_disk_image(raw.to_str().unwrap(), Some("d"), None, &mut |_| {})
+            .unwrap();
+        let mut spec = VmSpec::new("web");
+        spec.image = ImageSource::Disk { name: "d".into() };
+        (m, spec)
+    }
+
+    /// The secret lines of a PEM (the first is a header every unencrypted
+    /// key shares).
+    fn secret_lines(pem: &str) -> Vec<String> {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every file under `dir`, read whole (the store, its WAL, the seed).
+    fn all_bytes(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(all_bytes(&path));
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push((path, bytes));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_key_in_memory_is_held_not_recorded_and_can_be_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, spec) = with_disk_image(dir.path());
+        let pair = ssh::generate_key("mine@host").unwrap();
+        let vm = m
+            .create_with_ssh_key(spec, BackendKind::Noop, &pair.private, None)
+            .unwrap();
+        let ssh = vm.spec.ssh.clone().unwrap();
+        assert!(ssh.private_key_in_memory && ssh.private_key_path.is_none());
+        assert_eq!(ssh.public_key.as_deref(), Some(pair.public.as_str()));
+        assert_eq!(ssh.user, "hangar");
+        assert!(!super::super::ssh_key_path(&vm.work_dir).exists());
+        m.check_ssh_key_held(&vm).unwrap();
+        // Nowhere on disk, in the record's JSON or in any Debug output;
+        // the seed authorizes the public half.
+        let json = serde_json::to_string(&m.inspect(None, "web").unwrap()).unwrap();
+        assert!(json.contains(r#""private_key_in_memory":true"#), "{json}");
+        let printed = format!("{vm:?} {m:?} {json}");
+        let files = all_bytes(&dir.path().join("state"));
+        for line in secret_lines(&pair.private) {
+            assert!(!printed.contains(&line), "key material in {printed}");
+            for (path, bytes) in &files {
+                let found = bytes.windows(line.len()).any(|w| w == line.as_bytes());
+                assert!(!found, "key material in {}", path.display());
+            }
+        }
+        let seed = std::fs::read(super::super::seed_path(&vm.work_dir)).unwrap();
+        let public_b64 = pair.public.split_whitespace().nth(1).unwrap();
+        assert!(seed
+            .windows(public_b64.len())
+            .any(|w| w == public_b64.as_bytes()));
+
+        // A later process does not hold the key: start says how to give
+        // it, before anything is launched.
+        let mut later = manager(&dir.path().join("state"));
+        let err = later.start(None, "web").unwrap_err().to_string();
+        assert!(
+            err.contains("VM web") && err.contains("Manager::supply_ssh_key"),
+            "{err}"
+        );
+        assert_eq!(later.inspect(None, "web").unwrap().state, VmState::Created);
+        let err = later.ssh_target(&vm).unwrap_err().to_string();
+        assert!(err.contains("does not hold it"), "{err}");
+        let other = ssh::generate_key("other").unwrap();
+        let err = later
+            .supply_ssh_key(None, "web", &other.private)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not the one the VM was created with"), "{err}");
+        let err = later
+            .supply_ssh_key(None, "web", "not a key")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("without a passphrase"), "{err}");
+        later.supply_ssh_key(None, "web", &pair.private).unwrap();
+        later.check_ssh_key_held(&vm).unwrap();
+        assert_eq!(later.start(None, "web").unwrap().state, VmState::Running);
+        later.remove(None, "web", true).unwrap();
+        assert!(later.ssh_keys.is_empty());
+    }
+
+    #[test]
+    fn a_bad_key_in_memory_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, spec) = with_disk_image(dir.path());
+        let err = m
+            .create_with_ssh_key(
+                spec.clone(),
+                BackendKind::Noop,
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SSH private key given in memory"), "{err}");
+        // A spec that says "in memory" without the key.
+        let mut marked = spec.clone();
+        marked.ssh = Some(SshSpec {
+            private_key_in_memory: true,
+            ..SshSpec::default()
+        });
+        let err = m.create(marked.clone(), BackendKind::Noop).unwrap_err();
+        assert!(err.to_string().contains("create_with_ssh_key"), "{err}");
+        // A file and a key in memory at once.
+        let pair = ssh::generate_key("x").unwrap();
+        marked.ssh.as_mut().unwrap().private_key_path = Some("/keys/id".into());
+        let err = m
+            .create_with_ssh_key(marked, BackendKind::Noop, &pair.private, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        // A VM without SSH has no use for one.
+        let err = m
+            .create_with_ssh_key(VmSpec::new("x"), BackendKind::Noop, &pair.private, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("disk images only"), "{err}");
+        assert!(m.list().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(m.layout().vms_dir()).unwrap().count(), 0);
+        assert!(m.ssh_keys.is_empty());
     }
 }
