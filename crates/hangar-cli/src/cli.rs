@@ -466,6 +466,17 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 10)]
         forks: usize,
     },
+    /// `hangar exec -- true` and start -> ready over SSH (a cloud disk
+    /// image) against the agent (the default image).
+    Ssh {
+        /// The cloud image, as disk:NAME (e.g. the test guest that
+        /// scripts/build-test-guest.sh builds).
+        #[arg(long)]
+        image: String,
+        /// Execs to time on each VM.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// Exec round trip, stdout throughput and concurrent execs on one VM.
     Exec {
         /// Round trips to time.

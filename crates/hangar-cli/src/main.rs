@@ -18,6 +18,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 const EXIT_TIMED_OUT: u8 = 124;
 
 fn main() -> ExitCode {
+    hangar::trace::init();
     let cli = cli::Cli::parse();
     // Ctrl-C sets a flag the library polls; it then cleans up and returns.
     let _ = ctrlc::set_handler(hangar::interrupt::request);

@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod spec_file;
 pub mod store;
+pub mod trace;
 pub mod up_file;
 
 pub use hangar_proto::{

@@ -19,6 +19,7 @@ pub fn bench(global: &Global, args: BenchArgs) -> anyhow::Result<u8> {
         BenchWhat::Boot { runs } => boot(global, runs),
         BenchWhat::Store { records, storm } => store(global, records, storm),
         BenchWhat::Exec { runs, megabytes } => super::bench_exec::exec(global, runs, megabytes),
+        BenchWhat::Ssh { image, runs } => super::bench_ssh::ssh(global, &image, runs),
         BenchWhat::Image { megabytes } => image(global, megabytes.max(1)),
         BenchWhat::Snapshot { runs, forks } => super::bench_snapshot::snapshot(global, runs, forks),
     }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_exec;
 mod bench_snapshot;
+mod bench_ssh;
 mod console;
 mod control;
 mod copy;

@@ -67,7 +67,9 @@ impl Manager {
             transition(&mut probe, VmState::Starting, "start it")?;
         }
         self.check_ssh_key_held(&record)?;
+        crate::trace::phase("start: begin");
         let mut plan = self.plan(&record)?;
+        crate::trace::phase("start: planned");
         if let Some(incoming) = &incoming {
             incoming.adjust(&mut plan);
         }
@@ -84,7 +86,10 @@ impl Manager {
         })?;
         let backend = self.backend(record.backend)?;
         let launched = match backend.launch(&record, &plan) {
-            Ok(launched) => launched,
+            Ok(launched) => {
+                crate::trace::phase("start: VMM launched");
+                launched
+            }
             Err(source) => {
                 let reason = source.to_string();
                 self.mark_ended(&id, VmState::Failed, reason)?;
@@ -140,9 +145,14 @@ impl Manager {
         let connected = match &incoming {
             Some(incoming) => self
                 .receive_state(&record, incoming, timeout)
-                .and_then(|()| AgentClient::connect_any(&sockets, timeout, timeout, &mut check))
+                .and_then(|()| {
+                    crate::trace::phase("restore: state loaded, guest running");
+                    AgentClient::connect_any(&sockets, timeout, timeout, &mut check)
+                })
                 .and_then(|mut client| {
+                    crate::trace::phase("restore: agent hello");
                     incoming.apply_identity(&mut client, timeout, &mut check)?;
+                    crate::trace::phase("restore: identity applied");
                     Ok(client)
                 }),
             None => AgentClient::connect_any(&sockets, timeout, timeout, &mut check),
@@ -152,7 +162,10 @@ impl Manager {
                 .keep_vsock_token(&record, client.facts().clone())
                 .and_then(|facts| self.mark_running(&id, Some(facts)))
             {
-                Ok(record) => Ok((record, Some(client))),
+                Ok(record) => {
+                    crate::trace::phase("start: running");
+                    Ok((record, Some(client)))
+                }
                 Err(err) => {
                     // Stopped or removed by someone else meanwhile.
                     let _ = self.kill_now(&record);

@@ -40,12 +40,15 @@ impl Manager {
             return self.exec_ssh(&record, request, io, sink);
         }
         let (record, mut client) = self.running_agent(namespace, key, "run a command in it")?;
+        crate::trace::phase("exec: agent hello");
         let request = self.runnable(&record, request)?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_only_check(pid, start);
-        client
+        let status = client
             .exec_with(request, io, sink, &mut check)
-            .map_err(|source| self.guest_error(&record, source))
+            .map_err(|source| self.guest_error(&record, source));
+        crate::trace::phase("exec: exited");
+        status
     }
 
     /// The request with the VM image's defaults, refused if it still has

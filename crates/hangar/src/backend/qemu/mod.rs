@@ -265,6 +265,7 @@ impl Backend for QemuBackend {
                     forwards: ports.clone(),
                 });
             }
+            crate::trace::phase("qemu: spawning");
             match spawn_daemonized(&binary, &args, &vm.work_dir, &log_path) {
                 Ok(()) => break,
                 // A free port taken by someone else between our check and

@@ -148,6 +148,7 @@ impl Snapshotting for QemuBackend {
     ) -> Result<(), BackendError> {
         let (state, ram_file) = (saved.state, saved.ram_file);
         let mut qmp = self.qmp(vm)?;
+        crate::trace::phase("restore: QMP connected");
         let version = version_of(&mut qmp)?;
         if version != saved.vmm_version {
             return Err(BackendError::Unsupported {
@@ -174,6 +175,7 @@ impl Snapshotting for QemuBackend {
             json!({ "uri": format!("fd:{MIGRATION_FD}") }),
         )?;
         wait_migration(&mut qmp, "loading the saved state", timeout)?;
+        crate::trace::phase("restore: migration completed");
         // Loaded guests stay paused until told otherwise.
         if !qmp.query_status()?.running {
             qmp.execute(QmpCommand::Cont)?;
