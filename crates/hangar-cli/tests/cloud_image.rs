@@ -209,6 +209,12 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
     add_guest_image(state);
 
     let vm = unique("cloudy");
+    // A host file attached read-only beside a new data disk.
+    let attached = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("attached.raw"));
+    let mut marker = b"hangar-attached".to_vec();
+    marker.resize(32 << 20, 0);
+    std::fs::write(&attached, &marker).unwrap();
+    let attach = format!("{}:ro", attached.display());
     ok(&hangar(
         state,
         &[
@@ -221,6 +227,10 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
             "cloudy-host",
             "--disk",
             "3G",
+            "--data-disk",
+            "64M",
+            "--attach-disk",
+            &attach,
             "--memory",
             "512M",
             "--cpus",
@@ -303,6 +313,30 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
         &["exec", &vm, "--", "cat", "/sys/block/vda/size"],
     ));
     assert_eq!(size.trim().parse::<u64>().unwrap() * 512, 3 << 30);
+    // The data disk and the attached file follow the root disk (the seed
+    // comes last, so they keep their names once it is gone); the file is
+    // read-only in the guest, the data disk takes writes.
+    let disks = ok(&hangar(
+        state,
+        &[
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "for d in vdb vdc; do echo $d $(cat /sys/block/$d/size) $(cat /sys/block/$d/ro); done; \
+             sudo -n head -c 15 /dev/vdc; echo; \
+             printf data-kept | sudo -n dd of=/dev/vdb conv=notrunc status=none && sync && echo written",
+        ],
+    ));
+    assert_eq!(
+        disks,
+        format!(
+            "vdb {} 0\nvdc {} 1\nhangar-attached\nwritten\n",
+            (64u64 << 20) / 512,
+            (32u64 << 20) / 512
+        )
+    );
 
     // cp both ways over SSH.
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("ssh-cp"));
@@ -340,9 +374,20 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
     ok(&boot(state, &["restart", &vm]));
     let disks = ok(&hangar(
         state,
-        &["exec", &vm, "--", "sh", "-c", "ls /sys/block | grep ^vd"],
+        &[
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            "ls /sys/block | grep ^vd; sudo -n head -c 9 /dev/vdb; echo; cat /sys/block/vdc/ro",
+        ],
     ));
-    assert_eq!(disks, "vda\n", "the seed is attached after the first boot");
+    assert_eq!(
+        disks, "vda\nvdb\nvdc\ndata-kept\n1\n",
+        "after the first boot: no seed, the data disks under the same names, the data kept"
+    );
+    let _ = std::fs::remove_file(&attached);
     assert_eq!(inspect(state, &vm)["ssh_host_key"], record["ssh_host_key"]);
     let refused = hangar(state, &["image", "rm", "disk:debian-test"]);
     assert!(

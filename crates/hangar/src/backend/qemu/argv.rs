@@ -36,9 +36,9 @@ pub struct QemuArgs {
     pub user_net: Option<UserNet>,
     /// The VM's root disk, when it boots an image.
     pub root_disk: Option<Disk>,
-    /// A cloud-init seed, after the root disk.
+    /// A cloud-init seed, after every other disk.
     pub seed: Option<PathBuf>,
-    /// More disks, after the seed.
+    /// More disks, after the root disk.
     pub data_disks: Vec<Disk>,
     /// Guest RAM in a file (see [`MemoryFile`]); None: anonymous memory.
     pub memory_file: Option<MemoryFile>,
@@ -168,13 +168,6 @@ impl QemuArgs {
             );
             push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
         }
-        if let Some(seed) = &self.seed {
-            let drive = format!(
-                "file={},format=raw,if=none,id=seed,readonly=on",
-                escape(seed)
-            );
-            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=seed"]);
-        }
         for (index, disk) in self.data_disks.iter().enumerate() {
             let mode = if disk.read_only {
                 "readonly=on"
@@ -188,6 +181,15 @@ impl QemuArgs {
             );
             let device = format!("virtio-blk-pci,drive=data{index}");
             push(&["-drive", &drive, "-device", &device]);
+        }
+        // The seed last: it is there on the first boot only, and data disks
+        // keep their guest names (vdb, vdc...) when it goes.
+        if let Some(seed) = &self.seed {
+            let drive = format!(
+                "file={},format=raw,if=none,id=seed,readonly=on",
+                escape(seed)
+            );
+            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=seed"]);
         }
         if let Some(net) = &self.user_net {
             let mut netdev = String::from("user,id=net0");
@@ -387,6 +389,36 @@ mod tests {
         );
         assert!(joined.contains("-drive if=pflash,format=raw,unit=0,readonly=on,file=/ovmf/CODE.fd -drive if=pflash,format=raw,unit=1,file=/vm/VARS.fd"), "{joined}");
         assert!(joined.contains("file=/data/d.raw,format=raw,if=none,id=data0,readonly=on -device virtio-blk-pci,drive=data0"), "{joined}");
+    }
+
+    #[test]
+    fn data_disks_come_before_the_seed() {
+        // The seed goes after the first boot: disks before it would be
+        // renamed in the guest (vdc -> vdb) on the next one.
+        let mut disk = args();
+        disk.root_disk = Some(Disk {
+            path: "/vm/root.qcow2".into(),
+            format: "qcow2",
+            read_only: false,
+        });
+        disk.seed = Some("/vm/seed.iso".into());
+        disk.data_disks = vec![Disk {
+            path: "/data/d.qcow2".into(),
+            format: "qcow2",
+            read_only: false,
+        }];
+        let joined = disk
+            .to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let (root, data, seed) = (
+            joined.find("drive=root").unwrap(),
+            joined.find("drive=data0").unwrap(),
+            joined.find("drive=seed").unwrap(),
+        );
+        assert!(root < data && data < seed, "{joined}");
     }
 
     #[test]
