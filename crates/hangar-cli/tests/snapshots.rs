@@ -39,7 +39,17 @@ fn scratch(prefix: &str) -> PathBuf {
 }
 
 fn exec(state: &Path, vm: &str, script: &str) -> String {
-    ok(&hangar(state, &["exec", vm, "--", "sh", "-c", script]))
+    let out = hangar(state, &["exec", vm, "--", "sh", "-c", script]);
+    if !out.status.success() {
+        // What the record says of the VM's end: the guard removes it.
+        let record = hangar(state, &["inspect", vm, "--json"]);
+        panic!(
+            "exec in {vm} failed: {}\nrecord: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&record.stdout)
+        );
+    }
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn guard(state: &'static Path, name: &str) -> VmGuard<'static> {

@@ -67,13 +67,7 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        // Create the file ourselves so it is 0600 from its first byte;
-        // SQLite gives the -wal and -shm files the same mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
+        create_private_once(path)
             .map_err(|err| open_err(rusqlite::Error::InvalidPath(format!("{err}").into())))?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
@@ -295,6 +289,28 @@ impl Store {
     /// Removes record `id`; true if it existed.
     pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+    }
+}
+
+/// Creates the store file so it is 0600 from its first byte (SQLite gives
+/// the -wal and -shm files the same mode). Only when it does not exist
+/// yet: closing any descriptor of the database file drops every POSIX lock
+/// this process holds on it, including those of its open connections (a
+/// fork opens one store per VM in parallel). Without their shared lock,
+/// another process's last connection to close believes it is alone,
+/// checkpoints and deletes the WAL under them: commits are lost and the
+/// file can end up malformed.
+fn create_private_once(path: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // A new file: no connection can have it open yet.
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(err),
     }
 }
 

@@ -181,3 +181,42 @@ fn many_processes_opening_a_new_store_at_once_all_succeed() {
         }
     }
 }
+
+/// POSIX locks this process holds on `path`'s inode, from /proc/locks.
+fn own_locks_on(path: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    let inode = format!(":{}", meta.ino());
+    let pid = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("POSIX"))
+        .filter(|line| line.split_whitespace().nth(4) == Some(pid.as_str()))
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(5)
+                .is_some_and(|dev_inode| dev_inode.ends_with(&inode))
+        })
+        .count()
+}
+
+#[test]
+fn opening_a_second_store_keeps_the_first_ones_locks() {
+    // Regression: opening the store closed a descriptor of the database
+    // file, which dropped the locks of connections already open in this
+    // process (fork runs one store per VM): then another process deleted
+    // the WAL under them and their commits were lost.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hangar.db");
+    let first = Store::open(&path).unwrap();
+    let tx = first.conn.unchecked_transaction().unwrap();
+    let _: i64 = tx
+        .query_row("SELECT COUNT(*) FROM vms", [], |row| row.get(0))
+        .unwrap();
+    let held = own_locks_on(&path);
+    assert!(held > 0, "an open read should hold a lock on the database");
+    create_private_once(&path).unwrap();
+    assert_eq!(own_locks_on(&path), held, "the first store lost its lock");
+    drop(tx);
+}
