@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+use common::http::{serve, Reply};
 use common::images::*;
 use common::*;
 
@@ -32,56 +31,6 @@ fn squashfs_of(tree: &Path, out: &Path) {
             "-all-root",
         ],
     );
-}
-
-/// Serves the files of `dir` over HTTP/1.1 on 127.0.0.1 until the test
-/// process ends, ignoring credentials and query strings; returns the base
-/// URL.
-fn serve(dir: &Path) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let dir = dir.to_path_buf();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let dir = dir.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut request = String::new();
-                let _ = reader.read_line(&mut request);
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-                        break;
-                    }
-                }
-                let name = request
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("/")
-                    .split('?')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches('/')
-                    .to_owned();
-                let mut stream = stream;
-                let body = (!name.contains('/') && !name.contains(".."))
-                    .then(|| std::fs::read(dir.join(&name)).ok())
-                    .flatten();
-                let _ = match body {
-                    Some(body) => write!(
-                        stream,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    )
-                    .and_then(|()| stream.write_all(&body)),
-                    None => stream.write_all(
-                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    ),
-                };
-            });
-        }
-    });
-    base
 }
 
 #[test]
@@ -188,7 +137,15 @@ fn a_squashfs_bundle_from_a_url_is_verified_and_writable_only_in_ram() {
     // Credentials and a signed query string, which the server ignores:
     // Hangar uses them to download, never records or prints them.
     let secret = "hunter2";
-    let base = serve(&dir).replacen("http://", &format!("http://user:{secret}@"), 1);
+    let routes = ["vmlinux", "rootfs.sqfs", "tampered.json", "good.json"]
+        .map(|name| (format!("/{name}"), Reply::File(dir.join(name))));
+    let base = serve(
+        routes
+            .iter()
+            .map(|(p, r)| (p.as_str(), r.clone()))
+            .collect(),
+    )
+    .replacen("http://", &format!("http://user:{secret}@"), 1);
     let url = |name: &str| format!("{base}/{name}?X-Amz-Signature={secret}");
     let manifest = |rootfs_sha: &str| {
         serde_json::json!({

@@ -11,6 +11,9 @@ use std::sync::Arc;
 pub enum Reply {
     /// 200 with this body.
     Body(Vec<u8>),
+    /// 200 with this file's content as it is when asked (404 while it is
+    /// missing), for files a test writes after the URL is known.
+    File(std::path::PathBuf),
     /// 200 announcing `declared` bytes, sending `body` (fewer), then
     /// closing the connection.
     Truncated { body: Vec<u8>, declared: usize },
@@ -54,15 +57,19 @@ fn answer(stream: TcpStream, routes: &[(String, Reply)]) {
     }
     let target = request.split_whitespace().nth(1).unwrap_or("/");
     let path = target.split('?').next().unwrap_or(target);
-    let reply = routes
-        .iter()
-        .find(|(route, _)| route == path)
-        .map(|(_, reply)| reply.clone())
-        .unwrap_or(Reply::Status(404, "Not Found"));
+    let reply = match routes.iter().find(|(route, _)| route == path) {
+        Some((_, Reply::File(file))) => std::fs::read(file)
+            .map(Reply::Body)
+            .unwrap_or(Reply::Status(404, "Not Found")),
+        Some((_, reply)) => reply.clone(),
+        None => Reply::Status(404, "Not Found"),
+    };
     let mut stream = stream;
     let (status, declared, body) = match reply {
         Reply::Body(body) => ("200 OK".to_owned(), body.len(), body),
         Reply::Truncated { body, declared } => ("200 OK".to_owned(), declared, body),
+        // Read above: never reaches here as a file.
+        Reply::File(_) => ("404 Not Found".to_owned(), 0, Vec::new()),
         Reply::Status(code, reason) => {
             let body = format!("{code} {reason}\n").into_bytes();
             (format!("{code} {reason}"), body.len(), body)
