@@ -1,6 +1,8 @@
 //! Running one command and streaming its output as data frames.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::thread::JoinHandle;
@@ -66,11 +68,27 @@ fn run(job: Job) {
         forget();
         sender.send_message(&GuestMessage::ExecFailed { id, message });
     };
-    let mut command = Command::new(program);
+    let cwd = request.cwd.as_deref().unwrap_or("/");
+    let path_var = request
+        .env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map_or(crate::init::DEFAULT_PATH, |(_, value)| value.as_str());
+    let mut command = match crate::program::resolve(program, path_var, Path::new(cwd)) {
+        Some(file) => {
+            let mut command = Command::new(file);
+            // argv[0] stays what the host asked for (busybox applets and
+            // `ps` rely on it).
+            command.arg0(program);
+            command
+        }
+        None => Command::new(program),
+    };
     command
         .args(args)
         .env("PATH", crate::init::DEFAULT_PATH)
-        .current_dir(request.cwd.as_deref().unwrap_or("/"));
+        .current_dir(cwd);
     if let Some(spec) = &request.user {
         match crate::user::lookup(spec) {
             Ok(identity) => crate::user::apply(&mut command, &identity),
@@ -113,7 +131,6 @@ fn run(job: Job) {
         Ok(child) => child,
         Err(err) => {
             drop(guard);
-            let cwd = request.cwd.as_deref().unwrap_or("/");
             return fail(if std::path::Path::new(cwd).is_dir() {
                 format!("{program}: {err}")
             } else {

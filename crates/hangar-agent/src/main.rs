@@ -25,6 +25,7 @@ mod identity;
 mod init;
 mod net;
 mod port;
+mod program;
 mod pty;
 mod reaper;
 mod session;

@@ -100,11 +100,10 @@ pub fn serve_channel(
     // connection proves itself with the token first.
     let private = on_end == OnEnd::WaitForHost;
     let mut authenticated = private;
-    // Announce readiness; if no host is connected yet this is dropped and the
-    // host's own hello gets the answer.
-    if private {
-        send_hello(&sender, None, true);
-    }
+    // No hello of our own: the host opens every session with its hello
+    // (with a nonce it waits for), which stays queued in the port until
+    // this reads it. Gathering facts for 16 unsolicited hellos that no one
+    // reads also kept a freshly booted guest busy after it became ready.
     let mut reader = FrameReader::new(input);
     loop {
         let frame = match reader.read_frame() {

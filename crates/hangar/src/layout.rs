@@ -71,8 +71,15 @@ impl Layout {
         Self::at(root)
     }
 
-    /// Uses `root` as the state dir, creating it (0700) if needed.
+    /// Uses `root` as the state dir, creating it (0700) if needed. A
+    /// relative `root` is taken from the current directory and kept
+    /// absolute: records and the VMM's argv hold paths below it, and QEMU
+    /// resolves them after it left the directory hangar ran in.
     pub fn at(root: PathBuf) -> Result<Self, LayoutError> {
+        let root = std::path::absolute(&root).map_err(|source| LayoutError::Create {
+            path: root.clone(),
+            source,
+        })?;
         let layout = Self { root };
         for dir in [
             layout.root.clone(),
@@ -136,6 +143,16 @@ pub fn create_private_dir(dir: &Path) -> Result<(), LayoutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_state_dir_is_kept_absolute() {
+        let name = format!("hangar-layout-relative-{}", std::process::id());
+        let cwd = std::env::current_dir().unwrap();
+        let layout = Layout::at(PathBuf::from(&name)).unwrap();
+        assert_eq!(layout.root(), cwd.join(&name));
+        assert!(layout.vm_dir("x").is_absolute());
+        std::fs::remove_dir_all(cwd.join(&name)).unwrap();
+    }
 
     #[test]
     fn state_dir_is_private() {

@@ -1,5 +1,6 @@
 //! `bench snapshot`, in one run:
-//! - cold boot -> first exec (the baseline), restore -> first exec, and
+//! - cold boot -> first exec (the baseline: the same 256 MiB VM with user
+//!   networking that is snapshotted), restore -> first exec, and
 //!   fork N -> all ready, with the memory the forks share;
 //! - snapshot create time (and guest pause) and size for a 256 MiB and a
 //!   1 GiB guest;
@@ -93,7 +94,7 @@ fn measure(
         let name = format!("bench-cold-{tag}-{run}");
         made.vms.push(name.clone());
         let started = Instant::now();
-        manager.create(VmSpec::new(&name), BackendKind::Qemu)?;
+        manager.create(source_spec(&name, 256), BackendKind::Qemu)?;
         manager.start(None, &name)?;
         true_in(manager, &name)?;
         cold.push(started.elapsed());
@@ -200,6 +201,18 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
 }
 
+/// The VMs the bench snapshots, and (256 MiB) the ones it boots cold as
+/// the baseline: the same machine both ways, with user networking (its
+/// NIC gets a new MAC on every restore).
+fn source_spec(name: &str, memory_mib: u64) -> VmSpec {
+    let mut spec = VmSpec::new(name);
+    spec.memory = ByteSize(memory_mib << 20);
+    spec.network = hangar::spec::NetworkSpec::User {
+        forwards: Vec::new(),
+    };
+    spec
+}
+
 /// A VM of `memory_mib` (on `disk`: an image and a root disk size), booted,
 /// then snapshotted; returns the snapshot's name and cost.
 fn snapshot_of(
@@ -211,11 +224,7 @@ fn snapshot_of(
 ) -> anyhow::Result<(String, SnapshotCost)> {
     let suffix = disk.map(|(_, size)| size).unwrap_or("nodisk");
     let name = format!("bench-src-{tag}-{memory_mib}-{}", suffix.to_lowercase());
-    let mut spec = VmSpec::new(&name);
-    spec.memory = ByteSize(memory_mib << 20);
-    spec.network = hangar::spec::NetworkSpec::User {
-        forwards: Vec::new(),
-    };
+    let mut spec = source_spec(&name, memory_mib);
     if let Some((image, _)) = disk {
         spec.image = hangar::manager::parse_image(image)?;
     }

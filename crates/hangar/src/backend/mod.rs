@@ -6,6 +6,7 @@ pub mod noop;
 pub mod process;
 #[cfg(feature = "qemu")]
 pub mod qemu;
+pub mod quiet;
 
 pub use nix::sys::signal::Signal;
 use std::path::PathBuf;

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::qmp::{QmpClient, QmpCommand};
 use super::QemuBackend;
+use crate::backend::quiet::SETTLE_LIMIT;
 use crate::backend::{BackendError, SavedState, SnapshotTaken, SnapshotTarget, Snapshotting};
 use crate::record::VmRecord;
 
@@ -102,6 +103,12 @@ impl Snapshotting for QemuBackend {
         let vmm_version = version_of(&mut qmp)?;
         let was_running = qmp.query_status()?.running;
         let seed_bytes = seed_size(&mut qmp)?;
+        if was_running {
+            if let Some(pid) = vm.pid {
+                let settled = crate::backend::quiet::wait_until_quiet(pid, SETTLE_LIMIT);
+                crate::trace::phase(&format!("snapshot: guest {settled:?}"));
+            }
+        }
         let paused_at = Instant::now();
         qmp.execute(QmpCommand::Stop)?;
         // After a failed save the new layer (if the freeze happened) still
