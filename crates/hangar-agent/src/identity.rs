@@ -1,5 +1,6 @@
 //! A new identity for a guest restored or forked from a snapshot: hostname,
-//! machine-id, eth0's MAC, a reseeded random pool and the host's clock.
+//! machine-id, eth0's MAC (and IPv6 addresses made from it), a reseeded
+//! random pool and the host's clock.
 //! Each part is tried even when an earlier one failed; the host gets the
 //! list of what failed.
 
@@ -23,7 +24,12 @@ pub fn apply(identity: &GuestIdentity) -> Vec<String> {
     attempt("hostname", set_hostname(&identity.hostname));
     attempt("machine-id", write_machine_id(&identity.machine_id));
     if let Some(mac) = &identity.mac {
-        attempt("mac", set_mac("eth0", mac));
+        let changed = set_mac("eth0", mac);
+        let renew = changed.is_ok();
+        attempt("mac", changed);
+        if renew {
+            attempt("ipv6", renew_ipv6("eth0"));
+        }
     }
     errors
 }
@@ -141,6 +147,29 @@ fn set_mac(name: &str, mac: &str) -> io::Result<()> {
             result
         }
         other => other,
+    }
+}
+
+/// Makes `name`'s IPv6 addresses anew from its current MAC. Linux keeps
+/// the addresses it derived from the old one (the link-local address, the
+/// autoconfigured ones) once they passed duplicate address detection, so
+/// forks of one snapshot would share them. Switching IPv6 off and on for
+/// the interface drops them and starts address configuration again (a new
+/// link-local address at once, the router's prefix after its next
+/// advertisement); IPv4 and its routes are not touched, unlike taking the
+/// link down. Nothing to do where IPv6 is off or absent.
+fn renew_ipv6(name: &str) -> io::Result<()> {
+    let switch = std::path::Path::new("/proc/sys/net/ipv6/conf")
+        .join(name)
+        .join("disable_ipv6");
+    match std::fs::read_to_string(&switch) {
+        Ok(value) if value.trim() == "0" => {
+            std::fs::write(&switch, "1")?;
+            std::fs::write(&switch, "0")
+        }
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
     }
 }
 

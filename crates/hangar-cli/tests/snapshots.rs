@@ -171,6 +171,23 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
         let mac = lines.next().unwrap().to_owned();
         let machine_id = lines.next().unwrap().to_owned();
         assert_eq!(inspect(state, fork)["mac"], mac.as_str(), "{fork}");
+        // The network follows the new MAC: eth0's IPv6 addresses (the
+        // link-local one at once) carry its EUI-64, none the source's.
+        let inet6 = exec(state, fork, "grep ' eth0$' /proc/net/if_inet6 || true");
+        let iid = eui64(&mac);
+        assert!(
+            inet6
+                .lines()
+                .any(|l| l.starts_with(&format!("fe80000000000000{iid}"))),
+            "{fork} has no link-local address from {mac}: {inet6}"
+        );
+        for line in inet6.lines() {
+            assert_eq!(
+                line.get(16..32),
+                Some(iid.as_str()),
+                "{fork} ({mac}): {inet6}"
+            );
+        }
         assert!(identities.insert(mac), "{seen}");
         assert!(identities.insert(machine_id), "{seen}");
     }
@@ -397,4 +414,25 @@ fn newer_format_archive() -> Vec<u8> {
     let mut encoder = zstd::Encoder::new(Vec::new(), 1).unwrap();
     encoder.write_all(&plain).unwrap();
     encoder.finish().unwrap()
+}
+
+/// The IPv6 interface id Linux derives from a MAC (EUI-64, universal/local
+/// bit flipped), as /proc/net/if_inet6 spells it.
+fn eui64(mac: &str) -> String {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|part| u8::from_str_radix(part, 16).unwrap())
+        .collect();
+    assert_eq!(bytes.len(), 6, "{mac}");
+    let id = [
+        bytes[0] ^ 2,
+        bytes[1],
+        bytes[2],
+        0xff,
+        0xfe,
+        bytes[3],
+        bytes[4],
+        bytes[5],
+    ];
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
