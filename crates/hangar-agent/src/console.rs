@@ -59,7 +59,7 @@ fn run_once(reaper: &Reaper) -> std::io::Result<()> {
     }
     let mut guard = reaper.lock();
     let child = command.spawn()?;
-    let exit = Reaper::register(&mut guard, child.id());
+    let exit = reaper.register(&mut guard, child.id());
     drop(guard);
     let _ = exit.recv();
     Ok(())

@@ -139,7 +139,7 @@ fn run(job: Job) {
         }
     };
     let pid = child.id();
-    let exit_rx = Reaper::register(&mut guard, pid);
+    let exit_rx = reaper.register(&mut guard, pid);
     drop(guard);
     let controller = pty.map(|pty| Arc::new(pty.controller));
     if let Some(entry) = session::lock(&table).get_mut(&id) {

@@ -317,7 +317,7 @@ fn shutdown(reboot: bool, is_init: bool, reaper: &Reaper) {
     let mut guard = reaper.lock();
     match std::process::Command::new(program).spawn() {
         Ok(child) => {
-            let exited = Reaper::register(&mut guard, child.id());
+            let exited = reaper.register(&mut guard, child.id());
             drop(guard);
             let _ = exited.recv_timeout(std::time::Duration::from_secs(30));
         }
