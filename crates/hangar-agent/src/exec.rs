@@ -75,7 +75,14 @@ fn run(job: Job) {
         .rev()
         .find(|(key, _)| key == "PATH")
         .map_or(crate::init::DEFAULT_PATH, |(_, value)| value.as_str());
-    let mut command = match crate::program::resolve(program, path_var, Path::new(cwd)) {
+    // Looked up as the agent (root) sees the files, so only for commands
+    // that run as root: `-u USER` keeps execvp's search as that user (it
+    // skips files the user may not run), and forks anyway to drop to it.
+    let resolved = match request.user {
+        None => crate::program::resolve(program, path_var, Path::new(cwd)),
+        Some(_) => None,
+    };
+    let mut command = match resolved {
         Some(file) => {
             let mut command = Command::new(file);
             // argv[0] stays what the host asked for (busybox applets and
