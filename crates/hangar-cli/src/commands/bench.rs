@@ -176,7 +176,8 @@ pub fn median(samples: &[Duration]) -> Duration {
     sorted[sorted.len() / 2]
 }
 
-fn ratio(a: Duration, b: Duration) -> f64 {
+/// How many times `b` fits in `a` (a ratio against a baseline).
+pub fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
 }
 

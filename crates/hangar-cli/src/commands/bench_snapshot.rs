@@ -9,14 +9,14 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use hangar::guest::CollectSink;
 use hangar::manager::{RestoreOptions, SnapshotOptions};
 use hangar::{BackendKind, ByteSize, ExecRequest, Manager, VmSpec};
 
-use super::bench::median;
+use super::bench::{median, ratio};
 use super::open;
 use crate::cli::Global;
 use crate::output::print_json;
@@ -195,10 +195,6 @@ fn measure(
         );
     }
     Ok(0)
-}
-
-fn ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
 }
 
 /// The VMs the bench snapshots, and (256 MiB) the ones it boots cold as

@@ -7,11 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use hangar::spec::ImageSource;
 use hangar::{BackendKind, Manager, VmSpec};
 
-use super::bench::{median, time_hangar};
+use super::bench::{median, ratio, time_hangar};
 use super::open;
 use crate::cli::Global;
 use crate::output::print_json;
@@ -23,24 +23,19 @@ struct Side {
 }
 
 pub fn ssh(global: &Global, image: &str, runs: usize) -> anyhow::Result<u8> {
-    let Some(disk) = image.strip_prefix("disk:") else {
+    let source = hangar::manager::parse_image(image)?;
+    if !matches!(source, ImageSource::Disk { .. }) {
         bail!("--image {image:?}: give a cloud disk image as disk:NAME (add one with `hangar image add FILE --name NAME`)");
-    };
+    }
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
     let mut manager = open(global)?;
-    // Fails early, before any VM is made, when the image is not there.
-    manager
-        .disk_image(disk)
-        .with_context(|| format!("--image {image}"))?;
     let suffix = hangar::manager::new_id()?;
     let ssh_name = format!("bench-ssh-{suffix}");
     let agent_name = format!("bench-agent-{suffix}");
     let mut ssh_spec = VmSpec::new(&ssh_name);
-    ssh_spec.image = ImageSource::Disk {
-        name: disk.to_owned(),
-    };
+    ssh_spec.image = source;
     ssh_spec.cpus = 2;
     ssh_spec.memory = hangar::ByteSize(512 << 20);
     let mut agent_spec = VmSpec::new(&agent_name);
@@ -89,8 +84,8 @@ fn report(
 ) -> anyhow::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (ssh_exec, agent_exec) = (median(&ssh.execs), median(&agent.execs));
-    let exec_ratio = ms(ssh_exec) / ms(agent_exec).max(1e-6);
-    let ready_ratio = ms(ssh.ready) / ms(agent.ready).max(1e-6);
+    let exec_ratio = ratio(ssh_exec, agent_exec);
+    let ready_ratio = ratio(ssh.ready, agent.ready);
     if global.json {
         print_json(&serde_json::json!({
             "image": image,
