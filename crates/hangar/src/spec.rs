@@ -159,6 +159,15 @@ pub struct StaticNetwork {
     pub dns: Vec<String>,
 }
 
+impl StaticNetwork {
+    /// The address and prefix length of `address`, when it parses as
+    /// ADDRESS/PREFIX (the seed's checks name what is wrong otherwise).
+    pub fn ip_and_prefix(&self) -> Option<(std::net::IpAddr, u8)> {
+        let (address, prefix) = self.address.split_once('/')?;
+        Some((address.parse().ok()?, prefix.parse().ok()?))
+    }
+}
+
 /// How to reach the guest over SSH when it has no agent. The private key
 /// is a file of the user's (`private_key_path`), one given in memory to
 /// [`crate::Manager::create_with_ssh_key`], or else Hangar's per-VM key.
@@ -358,10 +367,7 @@ fn check_user_net_address(network: &StaticNetwork) -> Result<(), SpecError> {
         address: network.address.clone(),
         problem: problem.to_owned(),
     };
-    let Some((address, prefix)) = network.address.split_once('/') else {
-        return Ok(());
-    };
-    let (Ok(ip), Ok(prefix)) = (address.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
+    let Some((ip, prefix)) = network.ip_and_prefix() else {
         return Ok(());
     };
     let std::net::IpAddr::V4(ip) = ip else {
@@ -390,9 +396,8 @@ fn check_user_net_address(network: &StaticNetwork) -> Result<(), SpecError> {
     }
     if let Some(gateway) = &network.gateway {
         if gateway
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|gateway| gateway != USER_GATEWAY)
-            || gateway.parse::<std::net::Ipv6Addr>().is_ok()
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|gateway| gateway != std::net::IpAddr::V4(USER_GATEWAY))
         {
             return Err(SpecError::UserNetGateway {
                 gateway: gateway.clone(),

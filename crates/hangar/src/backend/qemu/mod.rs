@@ -400,8 +400,10 @@ impl Pausable for QemuBackend {
 /// must forward to instead of its DHCP address.
 fn static_ipv4(vm: &VmRecord) -> Option<std::net::Ipv4Addr> {
     let network = vm.spec.cloud_init.as_ref()?.network.as_ref()?;
-    let (address, _prefix) = network.address.split_once('/')?;
-    address.parse().ok()
+    match network.ip_and_prefix()? {
+        (std::net::IpAddr::V4(ip), _) => Some(ip),
+        (std::net::IpAddr::V6(_), _) => None,
+    }
 }
 
 /// The VM's copy-on-write overlay of `base`, made on its first start and
