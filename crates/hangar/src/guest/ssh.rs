@@ -110,9 +110,6 @@ impl SshPrivateKey {
                 detail: other.to_string(),
             },
         })?;
-        if key.is_encrypted() {
-            return Err(detail("the key is protected by a passphrase"));
-        }
         Ok(Self { key: Arc::new(key) })
     }
 
