@@ -30,7 +30,7 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             sha256,
             ..
         } => {
-            let bar = PullBar::new(&hangar::image::fetch::redact_url(&source), global.json);
+            let bar = PullBar::new(&source, global.json);
             let added =
                 manager.add_disk_image(&source, name.as_deref(), sha256.as_deref(), &mut |event| {
                     bar.on(event)
@@ -54,7 +54,7 @@ pub fn image(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             max_bundles,
             ..
         } => {
-            let bar = PullBar::new(&hangar::image::fetch::redact_url(&manifest), global.json);
+            let bar = PullBar::new(&manifest, global.json);
             let added = manager.add_bundle(&manifest, max_bundles, &mut |event| bar.on(event));
             bar.finish();
             let report = added?;
@@ -240,8 +240,10 @@ struct PullBar {
 }
 
 impl PullBar {
+    /// `reference` is shown redacted (a URL may carry a token).
     fn new(reference: &str, json: bool) -> Self {
         use std::io::IsTerminal;
+        let reference = hangar::image::fetch::redact_url(reference);
         let bar = (!json && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -253,10 +255,7 @@ impl PullBar {
             );
             bar
         });
-        Self {
-            bar,
-            reference: reference.to_owned(),
-        }
+        Self { bar, reference }
     }
 
     fn on(&self, event: hangar::image::pull::PullEvent) {
