@@ -313,14 +313,15 @@ impl BundleStore {
     ) -> Result<AddReport, BundleError> {
         let id = &manifest.bundle_id;
         let now = Utc::now();
-        let target = self.bundle_dir(id);
-        let existing = match self.get(id) {
-            Ok(existing) => existing,
+        let (existing, present) = match self.get(id) {
+            Ok(existing) => {
+                let present = existing.is_some();
+                (existing, present)
+            }
             // Present, content unknown: replaced like changed content.
-            Err(BundleError::Damaged { .. }) => None,
+            Err(BundleError::Damaged { .. }) => (None, true),
             Err(other) => return Err(other),
         };
-        let present = existing.is_some() || target.symlink_metadata().is_ok();
         let unchanged = existing.as_ref().is_some_and(|old| {
             old.kernel.sha256 == fetched.kernel.sha256
                 && old.rootfs.sha256 == fetched.rootfs.sha256
@@ -381,7 +382,7 @@ impl BundleStore {
     ) -> Result<(), BundleError> {
         let json = serde_json::to_vec_pretty(record).unwrap_or_default();
         let staged = fetched.path().join(RECORD_FILE);
-        write_synced(&staged, &json).map_err(Self::io(&staged))?;
+        crate::fsutil::write_atomic(&staged, &json).map_err(Self::io(&staged))?;
         sync_dir(fetched.path()).map_err(Self::io(fetched.path()))?;
         let target = self.bundle_dir(&record.bundle_id);
         // From here a crash leaves the folder to `image gc`, not to the
@@ -553,15 +554,22 @@ impl BundleStore {
     /// other's record.
     pub fn touch(&self, bundle_id: &str) -> Result<BundleRecord, BundleError> {
         let _using = self.lock(false)?;
-        // Checks the id before its folder is opened.
-        self.require(bundle_id)?;
+        let not_found = || BundleError::NotFound {
+            bundle_id: bundle_id.to_owned(),
+        };
+        // The id is checked before its folder is opened; the record is
+        // read once, under the folder's lock.
+        validate_bundle_id(bundle_id).map_err(|_| not_found())?;
         let dir = self.bundle_dir(bundle_id);
-        let _record = std::fs::File::open(&dir)
-            .and_then(|file| {
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                    .map_err(|(_, errno)| std::io::Error::from(errno))
-            })
-            .map_err(Self::io(&dir))?;
+        let _record = match std::fs::File::open(&dir) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+            opened => opened
+                .and_then(|file| {
+                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                        .map_err(|(_, errno)| std::io::Error::from(errno))
+                })
+                .map_err(Self::io(&dir))?,
+        };
         let mut record = self.require(bundle_id)?;
         record.last_accessed_at = record.last_accessed_at.max(Utc::now());
         self.write_record(&record)?;
@@ -636,14 +644,6 @@ fn recorded_source(source: &ArtifactSource) -> ArtifactSource {
         },
         path => path.clone(),
     }
-}
-
-/// `data` into a new file (0600), flushed to disk.
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = crate::fsutil::create_private(path)?;
-    file.write_all(data)?;
-    file.sync_all()
 }
 
 /// Flushes a folder's entries (a rename in or out of it) to disk.

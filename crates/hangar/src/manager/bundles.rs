@@ -77,12 +77,6 @@ impl Manager {
         Ok(store.install(&manifest, manifest_source, fetched, max, &pinned)?)
     }
 
-    /// The cached bundles; damaged entries skipped (see
-    /// [`Self::scan_bundles`] for them).
-    pub fn bundles(&self) -> Result<Vec<BundleRecord>, ManagerError> {
-        Ok(self.bundle_store().list()?)
-    }
-
     /// The cached bundles, and the damaged entries listing skipped (each
     /// one's `Display` is the warning to print).
     pub fn scan_bundles(&self) -> Result<(Vec<BundleRecord>, Vec<DamagedBundle>), ManagerError> {

@@ -49,7 +49,7 @@ impl Fixture {
         let rootfs_path = self.files.join(format!("{id}.ext4"));
         std::fs::write(&kernel_path, kernel).unwrap();
         std::fs::write(&rootfs_path, rootfs).unwrap();
-        let rootfs_sha = rootfs_sha.unwrap_or_else(|| hex::encode(sha2::Sha256::digest(rootfs)));
+        let rootfs_sha = rootfs_sha.unwrap_or_else(|| sha_hex(rootfs));
         let manifest = serde_json::json!({
             "schemaVersion": 1,
             "bundleId": id,
@@ -142,7 +142,7 @@ fn the_least_recently_used_bundle_is_evicted_but_never_a_pinned_one() {
 #[test]
 fn a_wrong_checksum_or_format_stores_nothing() {
     let fx = Fixture::new();
-    let wrong_sha = hex::encode(sha2::Sha256::digest(b"something else"));
+    let wrong_sha = sha_hex(b"something else");
     let m = fx.manifest("bad", &fake_kernel("k"), &fake_ext4("r"), Some(wrong_sha));
     let err = fx.add(&m, 2, &[]).unwrap_err().to_string();
     assert!(err.contains("not the declared sha256"), "{err}");
