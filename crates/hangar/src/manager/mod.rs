@@ -181,39 +181,30 @@ impl Manager {
         if record.spec.network != crate::spec::NetworkSpec::None {
             record.mac = crate::net::mac_for(&record.id);
         }
-        // A VM reached over SSH gets its own key pair; the seed
-        // authorizes it.
-        let key = match &record.spec.ssh {
-            Some(ssh) if ssh.private_key_path.is_none() && !ssh.private_key_in_memory => Some(
-                crate::guest::ssh::generate_key(&format!("hangar@{}", record.name))
-                    .map_err(|err| ManagerError::Config(err.to_string()))?,
-            ),
-            _ => None,
+        // The seed authorizes the public half of the VM's SSH key: one given
+        // in memory, the user's own file, or else a pair made for this VM.
+        let (key, authorized) = match &record.spec.ssh {
+            None => (None, None),
+            Some(ssh) if ssh.private_key_in_memory => (None, ssh.public_key.clone()),
+            Some(crate::spec::SshSpec {
+                private_key_path: Some(path),
+                ..
+            }) => {
+                let public = crate::guest::ssh::public_key_of(path).map_err(|err| {
+                    ManagerError::Config(format!(
+                        "--ssh-private-key: {err} (an OpenSSH private key without a passphrase)"
+                    ))
+                })?;
+                (None, Some(public))
+            }
+            Some(_) => {
+                let pair = crate::guest::ssh::generate_key(&format!("hangar@{}", record.name))
+                    .map_err(|err| ManagerError::Config(err.to_string()))?;
+                let public = pair.public.clone();
+                (Some(pair), Some(public))
+            }
         };
-        let mut extra_keys: Vec<String> = key.iter().map(|pair| pair.public.clone()).collect();
-        // A key of the user's own: the seed authorizes its public half.
-        if let Some(path) = record
-            .spec
-            .ssh
-            .as_ref()
-            .and_then(|s| s.private_key_path.as_ref())
-        {
-            let public = crate::guest::ssh::public_key_of(path).map_err(|err| {
-                ManagerError::Config(format!(
-                    "--ssh-private-key: {err} (an OpenSSH private key without a passphrase)"
-                ))
-            })?;
-            extra_keys.push(public);
-        }
-        if let Some(public) = record
-            .spec
-            .ssh
-            .as_ref()
-            .filter(|s| s.private_key_in_memory)
-            .and_then(|s| s.public_key.clone())
-        {
-            extra_keys.push(public);
-        }
+        let extra_keys: Vec<String> = authorized.into_iter().collect();
         // Built (and so validated) before anything is recorded.
         let seed = match &record.spec.cloud_init {
             Some(cloud_init) => Some(crate::cloudinit::seed_image(
