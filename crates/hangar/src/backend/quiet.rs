@@ -85,13 +85,25 @@ mod tests {
 
     #[test]
     fn a_busy_process_is_not_quiet_and_an_idle_one_is() {
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .unwrap();
-        let busy = wait_until_quiet(child.id(), Duration::from_millis(200));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        // Busy: this process, with four threads spinning (on a loaded
+        // two-core machine one spinning process alone could get less than
+        // a fifth of a CPU in some window and pass for quiet).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinners: Vec<_> = (0..4)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let busy = wait_until_quiet(std::process::id(), Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for spinner in spinners {
+            spinner.join().unwrap();
+        }
         assert_eq!(busy, Settled::Busy);
 
         let mut child = std::process::Command::new("sleep")
