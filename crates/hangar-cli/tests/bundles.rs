@@ -94,17 +94,11 @@ fn an_ext4_bundle_boots_its_own_root_and_keeps_its_writes() {
         name: vm.clone(),
     };
     ok(&hangar(state, &["start", &vm]));
-    let seen = ok(&hangar(
+    let seen = sh(
         state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "cat /etc/bundle-id; grep -c pci=off /proc/cmdline; echo kept > /kept",
-        ],
-    ));
+        &vm,
+        "cat /etc/bundle-id; grep -c pci=off /proc/cmdline; echo kept > /kept",
+    );
     assert_eq!(seen, format!("{id}\n0\n"));
     // Writes go to the VM's overlay: kept across a restart, never into the
     // cached bundle.
@@ -219,31 +213,15 @@ fn a_squashfs_bundle_from_a_url_is_verified_and_writable_only_in_ram() {
         name: vm.clone(),
     };
     ok(&hangar(state, &["start", &vm]));
-    let seen = ok(&hangar(
-        state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "cat /etc/bundle-id; echo written > /etc/new; cat /etc/new; grep ' / ' /proc/mounts | cut -d' ' -f3",
-        ],
-    ));
+    let seen = sh(state, &vm, "cat /etc/bundle-id; echo written > /etc/new; cat /etc/new; grep ' / ' /proc/mounts | cut -d' ' -f3");
     assert_eq!(seen, format!("{id}\nwritten\noverlay\n"));
     // The writes lived in RAM: gone after a restart, the bundle unchanged.
     ok(&hangar(state, &["restart", &vm]));
-    let seen = ok(&hangar(
+    let seen = sh(
         state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "cat /etc/bundle-id; if test -e /etc/new; then echo kept; else echo gone; fi",
-        ],
-    ));
+        &vm,
+        "cat /etc/bundle-id; if test -e /etc/new; then echo kept; else echo gone; fi",
+    );
     assert_eq!(seen, format!("{id}\ngone\n"));
     assert_eq!(
         sha256_file(&stored_dir.join("rootfs")),

@@ -181,7 +181,7 @@ fn guest_net(state: &Path, vm: &str) -> GuestNet {
         resolvectl dns eth0; echo @@; \
         cat /run/systemd/resolve/resolv.conf; echo @@; \
         readlink /etc/resolv.conf";
-    let out = ok(&hangar(state, &["exec", vm, "--", "sh", "-c", script]));
+    let out = sh(state, vm, script);
     let parts: Vec<String> = out.split("@@\n").map(str::to_owned).collect();
     assert_eq!(parts.len(), 7, "{out}");
     let ssh_server_addr = parts[0]
@@ -263,17 +263,7 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
     );
 
     // cloud-init set the hostname; exec runs as the seeded user with sudo.
-    let seen = ok(&hangar(
-        state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "hostname; id -un; sudo -n true && echo sudo-ok",
-        ],
-    ));
+    let seen = sh(state, &vm, "hostname; id -un; sudo -n true && echo sudo-ok");
     assert_eq!(seen, "cloudy-host\nhangar\nsudo-ok\n");
     // No network-config in the seed: cloud-init's fallback, DHCP on eth0
     // (systemd-networkd), gets slirp's lease, route and DNS server.
@@ -316,19 +306,9 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
     // The data disk and the attached file follow the root disk (the seed
     // comes last, so they keep their names once it is gone); the file is
     // read-only in the guest, the data disk takes writes.
-    let disks = ok(&hangar(
-        state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "for d in vdb vdc; do echo $d $(cat /sys/block/$d/size) $(cat /sys/block/$d/ro); done; \
+    let disks = sh(state, &vm, "for d in vdb vdc; do echo $d $(cat /sys/block/$d/size) $(cat /sys/block/$d/ro); done; \
              sudo -n head -c 15 /dev/vdc; echo; \
-             printf data-kept | sudo -n dd of=/dev/vdb conv=notrunc status=none && sync && echo written",
-        ],
-    ));
+             printf data-kept | sudo -n dd of=/dev/vdb conv=notrunc status=none && sync && echo written");
     assert_eq!(
         disks,
         format!(
@@ -372,17 +352,11 @@ fn a_cloud_init_guest_boots_from_its_disk_and_answers_over_ssh() {
     // first contact still matches (cloud-init did not run again and
     // regenerate it).
     ok(&boot(state, &["restart", &vm]));
-    let disks = ok(&hangar(
+    let disks = sh(
         state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "ls /sys/block | grep ^vd; sudo -n head -c 9 /dev/vdb; echo; cat /sys/block/vdc/ro",
-        ],
-    ));
+        &vm,
+        "ls /sys/block | grep ^vd; sudo -n head -c 9 /dev/vdb; echo; cat /sys/block/vdc/ro",
+    );
     assert_eq!(
         disks, "vda\nvdb\nvdc\ndata-kept\n1\n",
         "after the first boot: no seed, the data disks under the same names, the data kept"
@@ -490,17 +464,7 @@ fn a_static_address_from_the_seed_has_its_route_and_dns_and_ssh_reaches_it() {
         "../run/systemd/resolve/stub-resolv.conf"
     );
     // The seeded user and sudo work as with DHCP.
-    let seen = ok(&hangar(
-        state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "id -un; sudo -n true && echo sudo-ok",
-        ],
-    ));
+    let seen = sh(state, &vm, "id -un; sudo -n true && echo sudo-ok");
     assert_eq!(seen, "hangar\nsudo-ok\n");
 }
 
@@ -566,18 +530,12 @@ fn a_uefi_guest_boots_through_ovmf_and_keeps_its_variable_store() {
 
     // Booted through UEFI from the GPT disk's second partition; cloud-init
     // ran (hostname) and exec works as the seeded user with sudo.
-    let seen = ok(&hangar(
+    let seen = sh(
         state,
-        &[
-            "exec",
-            &vm,
-            "--",
-            "sh",
-            "-c",
-            "test -d /sys/firmware/efi && echo uefi; findmnt -no SOURCE /; \
+        &vm,
+        "test -d /sys/firmware/efi && echo uefi; findmnt -no SOURCE /; \
              hostname; id -un; sudo -n true && echo sudo-ok",
-        ],
-    ));
+    );
     assert_eq!(seen, "uefi\n/dev/vda2\nuefi-host\nhangar\nsudo-ok\n");
     // Attributes 7: non-volatile, boot and runtime access. efivarfs files
     // cannot seek, hence `cat | tail`.

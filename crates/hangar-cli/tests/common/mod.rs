@@ -154,6 +154,12 @@ pub fn running_vm(prefix: &str) -> (String, VmGuard<'static>) {
     (name.clone(), VmGuard { state, name })
 }
 
+/// Runs `script` with `sh -c` in `vm` and returns its stdout (panics with
+/// its stderr when it fails).
+pub fn sh(state: &Path, vm: &str, script: &str) -> String {
+    ok(&hangar(state, &["exec", vm, "--", "sh", "-c", script]))
+}
+
 /// Removes a VM when dropped, so a failing test leaves no QEMU behind.
 pub struct VmGuard<'a> {
     pub state: &'a Path,
