@@ -21,6 +21,7 @@ mod console;
 mod copy;
 mod exec;
 mod facts;
+mod hotplug;
 mod identity;
 mod init;
 mod net;

@@ -252,11 +252,19 @@ fn handle(
         HostMessage::CopyOut { id, path } => crate::copy::copy_out(id, path, sender.clone()),
         HostMessage::Shutdown { reboot } => shutdown(reboot, is_init, reaper),
         HostMessage::SetIdentity { id, identity } => {
-            let errors = crate::identity::apply(&identity);
+            let mut errors = crate::identity::apply(&identity);
+            // Only when asked: an agent that leaves it out cannot grow.
+            let resources = (identity.cpus.is_some() || identity.memory_mib.is_some()).then(|| {
+                let (failed, resources) =
+                    crate::hotplug::grow_guest(identity.cpus, identity.memory_mib);
+                errors.extend(failed);
+                resources
+            });
             sender.send_message(&GuestMessage::IdentitySet {
                 id,
                 errors,
                 facts: crate::facts::gather(),
+                resources,
             });
         }
     }

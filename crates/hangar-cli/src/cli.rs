@@ -554,10 +554,12 @@ pub enum SnapshotCommand {
 pub struct RestoreResources {
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
-    /// vCPUs (must equal the snapshot's).
+    /// vCPUs: the snapshot's, or more (plugged in, up to the ceiling its VM
+    /// booted with: 8 or its count).
     #[arg(long)]
     pub cpus: Option<u32>,
-    /// Memory (must equal the snapshot's).
+    /// Memory: the snapshot's, or more in steps of 128M (a DIMM plugged
+    /// in, up to 16G or twice the VM's boot memory).
     #[arg(long)]
     pub memory: Option<String>,
     /// Root disk size (at least the snapshot's).

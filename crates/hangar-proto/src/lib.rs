@@ -24,8 +24,8 @@ pub mod transfer;
 
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FrameReader, MAGIC, MAX_PAYLOAD};
 pub use message::{
-    CopySummary, ExecRequest, ExitStatus, GuestFacts, GuestIdentity, GuestMessage, HostMessage,
-    TtySize,
+    CopySummary, ExecRequest, ExitStatus, GuestFacts, GuestIdentity, GuestMessage, GuestResources,
+    HostMessage, TtySize,
 };
 
 /// Version of the wire format. Bump on any incompatible change.

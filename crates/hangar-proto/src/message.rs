@@ -153,6 +153,24 @@ pub struct GuestIdentity {
     /// The host's wall clock (ns since the epoch): the guest's clock stood
     /// still while the snapshot was on disk.
     pub clock_unix_ns: u64,
+    /// vCPUs the guest should have online: the host plugged more in (a
+    /// restore that grew the VM); the agent brings them online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory (MiB) the guest should have: the host plugged a DIMM in; the
+    /// agent waits for its blocks and brings any offline one online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// The vCPUs and memory a guest has online, reported after an identity
+/// that asked for more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestResources {
+    pub cpus_online: u32,
+    /// Memory in online blocks, MiB (what the kernel manages; a little
+    /// more than MemTotal, which leaves out the kernel's own).
+    pub memory_mib: u64,
 }
 
 /// The entropy is secret: never printed.
@@ -164,6 +182,8 @@ impl std::fmt::Debug for GuestIdentity {
             .field("mac", &self.mac)
             .field("entropy", &"<hidden>")
             .field("clock_unix_ns", &self.clock_unix_ns)
+            .field("cpus", &self.cpus)
+            .field("memory_mib", &self.memory_mib)
             .finish()
     }
 }
@@ -203,6 +223,10 @@ pub enum GuestMessage {
         id: u32,
         errors: Vec<String>,
         facts: GuestFacts,
+        /// What is online, when the identity asked for vCPUs or memory
+        /// (an agent that cannot grow a guest leaves it out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resources: Option<GuestResources>,
     },
     /// The host's hello named a version this agent does not speak.
     VersionMismatch { agent: u32, host: u32 },
@@ -281,6 +305,53 @@ mod tests {
         assert_eq!(
             GuestMessage::from_frame(&exited.to_frame()).unwrap(),
             exited
+        );
+    }
+
+    /// An agent from before growth (same protocol version) sends no
+    /// `resources` and ignores `cpus`: both sides still understand each
+    /// other, and the host sees that the agent did not grow the guest.
+    #[test]
+    fn identities_without_growth_fields_still_parse() {
+        let old_reply = br#"{"type":"identity_set","id":1,"errors":[],"facts":{"kernel_release":"6.1","hostname":"a","uptime_ms":1,"agent_version":"0.1.0"}}"#;
+        let frame = Frame {
+            kind: FrameKind::Guest,
+            stream: 0,
+            payload: old_reply.to_vec(),
+        };
+        assert!(matches!(
+            GuestMessage::from_frame(&frame).unwrap(),
+            GuestMessage::IdentitySet {
+                resources: None,
+                ..
+            }
+        ));
+        let identity = GuestIdentity {
+            hostname: "a".into(),
+            machine_id: "0".repeat(32),
+            mac: None,
+            entropy: "00".repeat(32),
+            clock_unix_ns: 1,
+            cpus: None,
+            memory_mib: None,
+        };
+        let json = serde_json::to_string(&identity).unwrap();
+        assert!(
+            !json.contains("cpus") && !json.contains("memory_mib"),
+            "{json}"
+        );
+        let grown = GuestIdentity {
+            cpus: Some(4),
+            memory_mib: Some(1024),
+            ..identity
+        };
+        let message = HostMessage::SetIdentity {
+            id: 2,
+            identity: grown.clone(),
+        };
+        assert_eq!(
+            HostMessage::from_frame(&message.to_frame()).unwrap(),
+            message
         );
     }
 

@@ -242,6 +242,11 @@ pub struct VmRecord {
     /// resolved again: the snapshot's kernel and disk are what it runs).
     #[serde(default)]
     pub boot: Option<SavedBoot>,
+    /// The running machine's room to grow and the memory added to it (set
+    /// at each launch; a snapshot records it). None: a fixed-size machine
+    /// (or not launched since Hangar recorded shapes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<crate::backend::machine::MachineShape>,
 }
 
 /// A boot fixed at snapshot time: paths are absolute in a VM record and
@@ -320,6 +325,7 @@ impl VmRecord {
             disk_snapshot: None,
             restored_from: None,
             boot: None,
+            machine: None,
         }
     }
 

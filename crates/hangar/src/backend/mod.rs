@@ -2,6 +2,7 @@
 //! implements, plus capability traits ([`Pausable`], later snapshots and
 //! hotplug) that a backend offers through `as_*` accessors.
 
+pub mod machine;
 pub mod noop;
 pub mod process;
 #[cfg(feature = "qemu")]
@@ -35,6 +36,9 @@ pub struct LaunchPlan {
     /// Start paused and wait for a saved state (a restore): the caller
     /// then calls [`Snapshotting::receive`].
     pub incoming: bool,
+    /// Room to grow and memory added; None boots a plain machine (what
+    /// snapshots taken before Hangar recorded shapes load into).
+    pub machine: Option<machine::MachineShape>,
 }
 
 /// What backs a VM's RAM.
@@ -234,6 +238,11 @@ pub struct SavedState<'a> {
     /// The RAM is in its own file (else inside `state`).
     pub ram_file: bool,
     pub vmm_version: &'a str,
+    /// vCPUs and memory to plug in once the state is loaded, before the
+    /// guest runs on.
+    pub growth: &'a machine::Growth,
+    /// How many DIMMs the saved machine has (the next one's number).
+    pub dimms: usize,
 }
 
 /// Capability: stop and continue the vCPUs.

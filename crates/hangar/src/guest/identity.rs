@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hangar_proto::{FrameKind, GuestFacts, GuestIdentity, GuestMessage, HostMessage};
+use hangar_proto::{
+    FrameKind, GuestFacts, GuestIdentity, GuestMessage, GuestResources, HostMessage,
+};
 
 use super::{AgentClient, Check, GuestError};
 
@@ -26,6 +28,8 @@ pub fn new_identity(hostname: &str, mac: Option<String>) -> std::io::Result<Gues
         mac,
         entropy: hex::encode(entropy),
         clock_unix_ns,
+        cpus: None,
+        memory_mib: None,
     })
 }
 
@@ -35,6 +39,9 @@ pub struct IdentityApplied {
     /// Parts that failed in the guest (empty when all worked).
     pub errors: Vec<String>,
     pub facts: GuestFacts,
+    /// What is online, when the identity asked for vCPUs or memory and
+    /// the agent can grow a guest.
+    pub resources: Option<GuestResources>,
 }
 
 impl AgentClient {
@@ -55,11 +62,16 @@ impl AgentClient {
                         id: got,
                         errors,
                         facts,
+                        resources,
                     }) = GuestMessage::from_frame(&frame)
                     {
                         if got == id {
                             self.facts = facts.clone();
-                            return Ok(IdentityApplied { errors, facts });
+                            return Ok(IdentityApplied {
+                                errors,
+                                facts,
+                                resources,
+                            });
                         }
                     }
                 }

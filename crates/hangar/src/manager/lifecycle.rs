@@ -82,6 +82,7 @@ impl Manager {
             r.exit_reason = None;
             r.last_console_lines.clear();
             r.accel = Some(plan.accel);
+            r.machine = plan.machine.clone();
             Ok::<_, ManagerError>(())
         })?;
         let backend = self.backend(record.backend)?;

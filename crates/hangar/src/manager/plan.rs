@@ -2,6 +2,7 @@
 //! disk, seed, kernel command line, accelerator.
 
 use super::{Manager, ManagerError};
+use crate::backend::machine::MachineShape;
 use crate::backend::{LaunchPlan, RootDisk};
 use crate::image::disk::DiskFormat;
 use crate::record::{Accel, BackendKind, VmRecord};
@@ -23,6 +24,7 @@ impl Manager {
             accel: Accel::Tcg,
             guest_memory: crate::backend::GuestMemory::Own,
             incoming: false,
+            machine: None,
         };
         if record.backend == BackendKind::Noop {
             return Ok(plan);
@@ -40,6 +42,7 @@ impl Manager {
                 read_only: disk.read_only,
                 size: record.spec.disk_size.map(|size| size.0),
             });
+            plan.machine = room_to_grow(record, &plan);
             return Ok(plan);
         }
         let mut bundle_args = None;
@@ -112,6 +115,12 @@ impl Manager {
             // The agent gives eth0 user-mode networking's fixed address.
             cmdline.push_str(" hangar.net=user");
         }
+        // Before the user's arguments, which may override them.
+        let tcg = plan.accel == Accel::Tcg;
+        for arg in crate::backend::machine::kernel_args(tcg, crate::backend::machine::host_mhz()) {
+            cmdline.push(' ');
+            cmdline.push_str(&arg);
+        }
         for arg in &record.spec.kernel_args {
             cmdline.push(' ');
             cmdline.push_str(arg);
@@ -120,8 +129,17 @@ impl Manager {
         plan.initramfs = Some(image.initramfs);
         plan.root_disk = root_disk;
         plan.cmdline = cmdline;
+        plan.machine = room_to_grow(record, &plan);
         Ok(plan)
     }
+}
+
+/// Room for more vCPUs and memory, for kernels booted with the arguments
+/// that make it cheap (firmware boots get none: their kernel's command
+/// line is the image's).
+fn room_to_grow(record: &VmRecord, plan: &LaunchPlan) -> Option<MachineShape> {
+    (plan.kernel.is_some() && crate::backend::machine::cmdline_allows_growth(&plan.cmdline))
+        .then(|| MachineShape::for_boot(record.spec.cpus, record.spec.memory))
 }
 
 /// `cmdline` with its `hangar.hostname=` set to `name`.

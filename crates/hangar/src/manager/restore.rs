@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Manager, ManagerError, ManagerOptions};
+use crate::backend::machine::{Growth, MachineShape};
 use crate::backend::{GuestMemory, LaunchPlan};
 use crate::guest::identity::new_identity;
 use crate::guest::{AgentClient, Check, GuestError};
@@ -45,12 +46,25 @@ pub struct Incoming {
     /// The VM's own MAC, when it has a NIC.
     mac: Option<String>,
     vmm_version: String,
+    /// The vCPUs and RAM the saved guest had, and its machine's shape.
+    saved_cpus: u32,
+    saved_memory: ByteSize,
+    machine: Option<MachineShape>,
+    /// What is plugged in after the state is loaded.
+    growth: Growth,
 }
 
 impl Incoming {
     /// The launch: paused, waiting for the state, RAM from the snapshot.
     pub(super) fn adjust(&self, plan: &mut LaunchPlan) {
         plan.incoming = true;
+        // The saved machine: more vCPUs and memory are plugged in later.
+        plan.cpus = self.saved_cpus;
+        plan.memory = match &self.machine {
+            Some(shape) => shape.boot_memory(self.saved_memory),
+            None => self.saved_memory,
+        };
+        plan.machine = self.machine.clone();
         plan.guest_memory = match self.memory {
             MemoryForm::File => GuestMemory::Snapshot(self.ram.clone()),
             // The stream carries the RAM: into a file of the VM's own.
@@ -66,10 +80,15 @@ impl Incoming {
         timeout: Duration,
         check: Check<'_>,
     ) -> Result<(), GuestError> {
-        let identity =
+        let mut identity =
             new_identity(&self.hostname, self.mac.clone()).map_err(|err| GuestError::Aborted {
                 reason: format!("cannot make an identity: {err}"),
             })?;
+        identity.cpus = self.growth.cpus;
+        identity.memory_mib = self
+            .growth
+            .memory
+            .map(|more| (self.saved_memory.0 + more.0) >> 20);
         let applied = client.set_identity(identity, timeout.min(IDENTITY_TIMEOUT), check)?;
         if !applied.errors.is_empty() {
             return Err(GuestError::Aborted {
@@ -79,7 +98,17 @@ impl Incoming {
                 ),
             });
         }
+        if !self.growth.is_empty() && applied.resources.is_none() {
+            return Err(GuestError::Aborted {
+                reason: "the snapshot's guest agent does not bring added vCPUs or memory online (it is older than this hangar); restore without --cpus/--memory, or take the snapshot again".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The machine once the growth is plugged in.
+    pub(super) fn grown_machine(&self) -> Option<MachineShape> {
+        self.machine.as_ref().map(|shape| shape.grown(&self.growth))
     }
 }
 
@@ -98,7 +127,7 @@ impl Manager {
             }
         }
         let snapshot = self.snapshot_store().find(snapshot)?;
-        self.check_restorable(&snapshot, options)?;
+        let growth = self.check_restorable(&snapshot, options)?;
         let name = match &options.name {
             Some(name) => name.clone(),
             None => self
@@ -112,7 +141,7 @@ impl Manager {
             let snapshot = self.snapshot_store().find(&snapshot.id)?;
             self.create_restored(&snapshot, &name, options)?
         };
-        self.start_restored(record, &snapshot, options)
+        self.start_restored(record, &snapshot, options, &growth)
     }
 
     /// `count` VMs from one snapshot, started in parallel; their memory is
@@ -135,7 +164,7 @@ impl Manager {
             ));
         }
         let snapshot = self.snapshot_store().find(snapshot)?;
-        self.check_restorable(&snapshot, options)?;
+        let growth = self.check_restorable(&snapshot, options)?;
         let prefix = format!("{}-fork", snapshot.name);
         let names = self.free_names(&prefix, count, options.namespace.as_deref())?;
         let accel = self.accelerator()?.accel;
@@ -161,12 +190,16 @@ impl Manager {
             let handles: Vec<_> = records
                 .iter()
                 .map(|record| {
-                    let (record, snapshot, options) =
-                        (record.clone(), snapshot.clone(), options.clone());
+                    let (record, snapshot, options, growth) = (
+                        record.clone(),
+                        snapshot.clone(),
+                        options.clone(),
+                        growth.clone(),
+                    );
                     let manager_options = manager_options.clone();
                     scope.spawn(move || {
                         let mut manager = Manager::open(manager_options)?;
-                        manager.start_restored(record, &snapshot, &options)
+                        manager.start_restored(record, &snapshot, &options, &growth)
                     })
                 })
                 .collect();
@@ -206,12 +239,13 @@ impl Manager {
     }
 
     /// Refuses what cannot work before anything is made: another backend,
-    /// accelerator, VMM or agent version, or smaller resources.
+    /// accelerator, VMM or agent version, smaller resources or more than
+    /// the machine has room for; returns what to plug in.
     fn check_restorable(
         &mut self,
         snapshot: &SnapshotRecord,
         options: &RestoreOptions,
-    ) -> Result<(), ManagerError> {
+    ) -> Result<Growth, ManagerError> {
         let refuse = |why: String| {
             Err(ManagerError::Config(format!(
                 "snapshot {}: {why}",
@@ -235,16 +269,40 @@ impl Manager {
             ));
         }
         let needs = &snapshot.resources;
-        if let Some(cpus) = options.cpus.filter(|c| *c != needs.cpus) {
+        let saved = (needs.cpus, needs.memory);
+        let growth = match &needs.machine {
+            Some(shape) => {
+                if let Err(why) = shape.check(needs.cpus, needs.memory) {
+                    return refuse(format!("its record's machine does not add up: {why}"));
+                }
+                match shape.growth(saved, (options.cpus, options.memory)) {
+                    Ok(growth) => growth,
+                    Err(why) => return refuse(why),
+                }
+            }
+            None => {
+                if let Some(cpus) = options.cpus.filter(|c| *c != needs.cpus) {
+                    return refuse(format!(
+                        "--cpus {cpus}: its VM's machine had no room to grow (a disk image's boot, or a VM started before hangar gave machines room), so the guest resumes with exactly {} vCPUs",
+                        needs.cpus
+                    ));
+                }
+                if let Some(memory) = options.memory.filter(|m| *m != needs.memory) {
+                    return refuse(format!(
+                        "--memory {memory}: its VM's machine had no room to grow (a disk image's boot, or a VM started before hangar gave machines room), so the guest resumes with exactly {}",
+                        needs.memory
+                    ));
+                }
+                Growth::default()
+            }
+        };
+        if growth.cpus.is_some()
+            && accel == crate::record::Accel::Tcg
+            && !crate::backend::machine::presets_delay_loop(&snapshot.boot.cmdline)
+        {
             return refuse(format!(
-                "--cpus {cpus}: the guest was saved with {} vCPUs and resumes with exactly those",
+                "--cpus: its guest kernel booted without a preset delay loop (lpj=), and under TCG a vCPU added to such a guest can hang it while coming online; give --cpus {}, or snapshot a VM booted by hangar's kernel",
                 needs.cpus
-            ));
-        }
-        if let Some(memory) = options.memory.filter(|m| *m != needs.memory) {
-            return refuse(format!(
-                "--memory {memory}: the guest was saved with {} of RAM and resumes with exactly that (its memory map is part of the snapshot)",
-                needs.memory
             ));
         }
         if let (Some(size), Some(needed)) = (options.disk_size, needs.disk_bytes) {
@@ -258,7 +316,7 @@ impl Manager {
         if snapshot.boot.root_disk.is_none() && options.disk_size.is_some() {
             return refuse("--disk: the snapshot's VM has no root disk".into());
         }
-        Ok(())
+        Ok(growth)
     }
 
     fn snapshotting_for(
@@ -361,6 +419,7 @@ impl Manager {
         record: VmRecord,
         snapshot: &SnapshotRecord,
         options: &RestoreOptions,
+        growth: &Growth,
     ) -> Result<VmRecord, ManagerError> {
         let dir = self.snapshot_store().dir(&snapshot.id);
         let seed = match snapshot.seed_bytes {
@@ -378,10 +437,27 @@ impl Manager {
                 .unwrap_or_else(|| record.name.clone()),
             mac: record.mac.clone(),
             vmm_version: snapshot.vmm_version.clone(),
+            saved_cpus: snapshot.resources.cpus,
+            saved_memory: snapshot.resources.memory,
+            machine: snapshot.resources.machine.clone(),
+            growth: growth.clone(),
         };
+        let grown = incoming.grown_machine();
         let (namespace, id) = (record.namespace.clone(), record.id.clone());
-        match self.start_record_from(record, Some(incoming)) {
-            Ok((record, _client)) => Ok(record),
+        let started =
+            self.start_record_from(record, Some(incoming))
+                .and_then(|(record, _client)| {
+                    if growth.is_empty() {
+                        return Ok(record);
+                    }
+                    // Launched with the saved machine; it has the DIMM now.
+                    self.store.update(&id, |r| {
+                        r.machine = grown.clone();
+                        Ok::<_, ManagerError>(())
+                    })
+                });
+        match started {
+            Ok(record) => Ok(record),
             Err(err) => {
                 let _ = self.remove(Some(&namespace), &id, true);
                 Err(err)
@@ -405,6 +481,11 @@ impl Manager {
             state: &incoming.state,
             ram_file: incoming.memory == MemoryForm::File,
             vmm_version: &incoming.vmm_version,
+            growth: &incoming.growth,
+            dimms: incoming
+                .machine
+                .as_ref()
+                .map_or(0, |shape| shape.added_memory.len()),
         };
         backend
             .receive(record, &saved, timeout)
@@ -429,8 +510,9 @@ fn restored_spec(
         spec.namespace = namespace.clone();
     }
     spec.image = source.image.clone();
-    spec.cpus = snapshot.resources.cpus;
-    spec.memory = snapshot.resources.memory;
+    // Checked against the snapshot's machine before (`check_restorable`).
+    spec.cpus = options.cpus.unwrap_or(snapshot.resources.cpus);
+    spec.memory = options.memory.unwrap_or(snapshot.resources.memory);
     spec.disk_size = options.disk_size;
     spec.labels = source.labels.clone();
     spec.network = match &source.network {

@@ -428,6 +428,7 @@ fn resources(vm: &crate::record::VmRecord, dir: &Path) -> Resources {
             NetworkSpec::User { .. } => vec!["user".into()],
             NetworkSpec::Tap { .. } => vec!["tap".into()],
         },
+        machine: vm.machine.clone(),
     }
 }
 

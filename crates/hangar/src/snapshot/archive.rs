@@ -550,6 +550,7 @@ mod tests {
                 memory: crate::size::ByteSize(256 << 20),
                 disk_bytes: None,
                 nics: Vec::new(),
+                machine: None,
             },
             memory: MemoryForm::File,
             boot: SavedBoot {

@@ -51,6 +51,11 @@ pub struct Resources {
     /// NICs, by network mode ("user").
     #[serde(default)]
     pub nics: Vec<String>,
+    /// The machine's room to grow and memory added: a restore loads the
+    /// state into the same shape. None: a fixed-size machine, which
+    /// restores with exactly `cpus` and `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<crate::backend::machine::MachineShape>,
 }
 
 /// The VM a snapshot was taken of.

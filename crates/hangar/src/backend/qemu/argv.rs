@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::backend::machine::{MachineShape, MEMORY_SLOTS};
 use crate::record::Accel;
 
 /// Everything QEMU needs for one VM.
@@ -19,7 +20,11 @@ pub struct QemuArgs {
     /// store; None boots with `bios` (or SeaBIOS).
     pub uefi: Option<(PathBuf, PathBuf)>,
     pub cpus: u32,
+    /// The RAM the machine boots with (hot-added DIMMs not included).
     pub memory_mib: u64,
+    /// Room for more vCPUs and DIMMs, and the DIMMs added (see
+    /// [`crate::backend::machine`]); None: a machine of fixed size.
+    pub machine: Option<MachineShape>,
     /// A kernel to boot directly; None boots the disks with firmware.
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
@@ -76,6 +81,22 @@ pub struct UserNet {
     pub forwards: Vec<crate::spec::PortForward>,
 }
 
+/// The memory backend and pc-dimm device of DIMM number `index` (the
+/// `-object` and `-device` values; QMP's `object-add` and `device_add`
+/// take the same names).
+pub fn dimm_options(index: usize, mib: u64) -> (String, String) {
+    let (backend, device) = dimm_ids(index);
+    (
+        format!("memory-backend-ram,id={backend},size={mib}M"),
+        format!("pc-dimm,id={device},memdev={backend}"),
+    )
+}
+
+/// The ids of DIMM number `index`: its memory backend's and its device's.
+pub fn dimm_ids(index: usize) -> (String, String) {
+    (format!("dimm{index}-ram"), format!("dimm{index}"))
+}
+
 /// Doubles commas so a path can sit inside a QEMU option string.
 pub fn escape(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
@@ -117,8 +138,27 @@ impl QemuArgs {
                 }
             }
         }
-        push(&["-smp", &self.cpus.to_string()]);
-        push(&["-m", &format!("{}M", self.memory_mib)]);
+        match &self.machine {
+            Some(shape) => {
+                let smp = format!("{},maxcpus={}", self.cpus, shape.max_cpus);
+                let memory = format!(
+                    "{}M,slots={MEMORY_SLOTS},maxmem={}M",
+                    self.memory_mib,
+                    shape.max_memory.as_mib()
+                );
+                push(&["-smp", &smp, "-m", &memory]);
+                // DIMMs added before a snapshot: a saved state loads only
+                // into a machine that has them, under the same names.
+                for (index, size) in shape.added_memory.iter().enumerate() {
+                    let (backend, device) = dimm_options(index, size.as_mib());
+                    push(&["-object", &backend, "-device", &device]);
+                }
+            }
+            None => {
+                push(&["-smp", &self.cpus.to_string()]);
+                push(&["-m", &format!("{}M", self.memory_mib)]);
+            }
+        }
         if let Some(kernel) = &self.kernel {
             push(&["-kernel", &kernel.to_string_lossy()]);
             if let Some(initramfs) = &self.initramfs {
@@ -227,6 +267,7 @@ mod tests {
             uefi: None,
             cpus: 2,
             memory_mib: 512,
+            machine: None,
             kernel: Some("/img/vmlinux".into()),
             initramfs: Some("/img/initramfs.cpio".into()),
             cmdline: "console=ttyS0 quiet".into(),
@@ -243,6 +284,37 @@ mod tests {
             memory_file: None,
             incoming: false,
         }
+    }
+
+    fn joined(args: &QemuArgs) -> String {
+        args.to_argv()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn a_machine_with_room_to_grow_has_its_ceilings_and_added_dimms() {
+        let mut with = args();
+        assert!(joined(&with).contains("-smp 2 -m 512M "));
+        let mut shape = MachineShape::for_boot(2, crate::size::ByteSize::mib(512));
+        with.machine = Some(shape.clone());
+        let plain = joined(&with);
+        assert!(
+            plain.contains("-smp 2,maxcpus=8 -m 512M,slots=8,maxmem=16384M "),
+            "{plain}"
+        );
+        assert!(!plain.contains("pc-dimm"));
+        shape.added_memory = vec![
+            crate::size::ByteSize::mib(256),
+            crate::size::ByteSize::mib(128),
+        ];
+        with.machine = Some(shape);
+        assert!(joined(&with).contains(
+            "-object memory-backend-ram,id=dimm0-ram,size=256M -device pc-dimm,id=dimm0,memdev=dimm0-ram \
+             -object memory-backend-ram,id=dimm1-ram,size=128M -device pc-dimm,id=dimm1,memdev=dimm1-ram"
+        ));
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl Backend for QemuBackend {
             uefi,
             cpus: plan.cpus,
             memory_mib: plan.memory.as_mib(),
+            machine: plan.machine.clone(),
             kernel: plan.kernel.clone(),
             initramfs: plan.initramfs.clone(),
             cmdline: plan.cmdline.clone(),

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::qmp::{QmpClient, QmpCommand};
 use super::QemuBackend;
+use crate::backend::machine::Growth;
 use crate::backend::quiet::SETTLE_LIMIT;
 use crate::backend::{BackendError, SavedState, SnapshotTaken, SnapshotTarget, Snapshotting};
 use crate::record::VmRecord;
@@ -183,12 +184,76 @@ impl Snapshotting for QemuBackend {
         )?;
         wait_migration(&mut qmp, "loading the saved state", timeout)?;
         crate::trace::phase("restore: migration completed");
+        plug(&mut qmp, saved.growth, saved.dimms)?;
         // Loaded guests stay paused until told otherwise.
         if !qmp.query_status()?.running {
             qmp.execute(QmpCommand::Cont)?;
         }
         Ok(())
     }
+}
+
+/// Plugs `growth` into a loaded, paused guest: vCPUs into the machine's
+/// free CPU slots (lowest first, QEMU's own type and slot properties) and
+/// one DIMM, numbered after the `dimms` it has. The guest handles the ACPI
+/// events when it runs on; its agent brings the new parts online.
+fn plug(qmp: &mut QmpClient, growth: &Growth, dimms: usize) -> Result<(), BackendError> {
+    if let Some(want) = growth.cpus {
+        let slots = qmp.call_with("query-hotpluggable-cpus", json!({}))?;
+        let slots = slots.as_array().cloned().unwrap_or_default();
+        let present = slots.iter().filter(|s| s.get("qom-path").is_some()).count();
+        let mut free: Vec<&Value> = slots
+            .iter()
+            .filter(|s| s.get("qom-path").is_none())
+            .collect();
+        free.sort_by_key(|slot| slot_position(slot));
+        let need = (want as usize).saturating_sub(present);
+        if free.len() < need {
+            return Err(BackendError::Launch {
+                what: "adding vCPUs".into(),
+                detail: format!(
+                    "{want} wanted, {present} present and {} free slots",
+                    free.len()
+                ),
+            });
+        }
+        for (n, slot) in free.into_iter().take(need).enumerate() {
+            let mut args = slot
+                .get("props")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            args.insert(
+                "driver".into(),
+                slot.get("type").cloned().unwrap_or(Value::Null),
+            );
+            args.insert("id".into(), json!(format!("cpu{}", present + n)));
+            qmp.call_with("device_add", Value::Object(args))?;
+        }
+        crate::trace::phase("restore: vCPUs plugged in");
+    }
+    if let Some(size) = growth.memory {
+        let (backend, device) = super::argv::dimm_ids(dimms);
+        qmp.call_with(
+            "object-add",
+            json!({ "qom-type": "memory-backend-ram", "id": backend, "size": size.0 }),
+        )?;
+        qmp.call_with(
+            "device_add",
+            json!({ "driver": "pc-dimm", "id": device, "memdev": backend }),
+        )?;
+        crate::trace::phase("restore: memory plugged in");
+    }
+    Ok(())
+}
+
+/// A CPU slot's place: socket, die, core, thread.
+fn slot_position(slot: &Value) -> [u64; 4] {
+    ["socket-id", "die-id", "core-id", "thread-id"].map(|key| {
+        slot.pointer(&format!("/props/{key}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    })
 }
 
 /// With the guest paused: disk, device state, RAM. True when the RAM went
