@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use hangar_proto::GuestResources;
 
-/// How long the kernel gets to notice what was plugged in.
-const APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long all of it may take: the kernel noticing what was plugged in
+/// and bringing it online (the host waits longer for the answer).
+const GROW_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 
 /// The sysfs folders this works on (a fake tree in tests).
@@ -31,31 +32,28 @@ impl Default for Sysfs {
 }
 
 /// Brings the guest to `cpus` online vCPUs and `memory_mib` of online
-/// memory; returns what failed and what is online.
+/// memory, all within `timeout`; returns what failed and what is online.
 pub fn grow(
     sysfs: &Sysfs,
     cpus: Option<u32>,
     memory_mib: Option<u64>,
     timeout: Duration,
 ) -> (Vec<String>, GuestResources) {
+    let deadline = Instant::now() + timeout;
     let mut errors = Vec::new();
     if let Some(want) = cpus {
-        if let Err(err) = online_cpus(&sysfs.cpus, want, timeout) {
+        if let Err(err) = online_cpus(&sysfs.cpus, want, deadline) {
             errors.push(format!("cpus: {err}"));
         }
     }
     if let Some(want) = memory_mib {
-        if let Err(err) = online_memory(&sysfs.memory, want, timeout) {
+        if let Err(err) = online_memory(&sysfs.memory, want, deadline) {
             errors.push(format!("memory: {err}"));
         }
     }
     let resources = GuestResources {
-        cpus_online: cpu_states(&sysfs.cpus)
-            .map(|cpus| cpus.iter().filter(|(_, online)| *online).count() as u32)
-            .unwrap_or(0),
-        memory_mib: memory_blocks(&sysfs.memory)
-            .map(|(size, blocks)| mib(blocks.iter().filter(|(_, online)| *online).count(), size))
-            .unwrap_or(0),
+        cpus_online: online_cpu_count(&sysfs.cpus).unwrap_or(0),
+        memory_mib: online_memory_mib(&sysfs.memory).unwrap_or(0),
     };
     for error in &errors {
         crate::log(&format!("identity: {error}"));
@@ -65,34 +63,35 @@ pub fn grow(
 
 /// The default sysfs and timeout.
 pub fn grow_guest(cpus: Option<u32>, memory_mib: Option<u64>) -> (Vec<String>, GuestResources) {
-    grow(&Sysfs::default(), cpus, memory_mib, APPEAR_TIMEOUT)
+    grow(&Sysfs::default(), cpus, memory_mib, GROW_TIMEOUT)
 }
 
-fn online_cpus(dir: &Path, want: u32, timeout: Duration) -> io::Result<()> {
-    let cpus = wait_for(timeout, || {
+fn online_cpus(dir: &Path, want: u32, deadline: Instant) -> io::Result<()> {
+    let cpus = wait_for(deadline, || {
         let cpus = cpu_states(dir)?;
         Ok((cpus.len() >= want as usize).then_some(cpus))
     })?
     .ok_or_else(|| {
         let seen = cpu_states(dir).map(|c| c.len()).unwrap_or(0);
-        io::Error::other(format!("{seen} of {want} vCPUs present after {timeout:?}"))
+        io::Error::other(format!("{seen} of {want} vCPUs present in time"))
     })?;
     for (path, online) in cpus {
         if !online {
-            std::fs::write(path.join("online"), "1")
-                .map_err(|err| io::Error::other(format!("{}: {err}", path.display())))?;
+            // A guest that hangs bringing a vCPU up would block this write
+            // for good: the session goes on without it.
+            write_before(&path.join("online"), "1", deadline)?;
         }
     }
-    let online = cpu_states(dir)?.iter().filter(|(_, on)| *on).count();
-    if online < want as usize {
+    let online = online_cpu_count(dir)?;
+    if online < want {
         return Err(io::Error::other(format!("{online} of {want} vCPUs online")));
     }
     Ok(())
 }
 
-fn online_memory(dir: &Path, want_mib: u64, timeout: Duration) -> io::Result<()> {
+fn online_memory(dir: &Path, want_mib: u64, deadline: Instant) -> io::Result<()> {
     let want = want_mib << 20;
-    let blocks = wait_for(timeout, || {
+    let blocks = wait_for(deadline, || {
         let (size, blocks) = memory_blocks(dir)?;
         Ok((blocks.len() as u64 * size >= want).then_some(blocks))
     })?
@@ -100,17 +99,52 @@ fn online_memory(dir: &Path, want_mib: u64, timeout: Duration) -> io::Result<()>
         let seen = memory_blocks(dir)
             .map(|(size, blocks)| mib(blocks.len(), size))
             .unwrap_or(0);
-        io::Error::other(format!(
-            "{seen} of {want_mib} MiB present after {timeout:?}"
-        ))
+        io::Error::other(format!("{seen} of {want_mib} MiB present in time"))
     })?;
     for (path, online) in blocks {
-        if !online {
-            std::fs::write(path.join("state"), "online")
-                .map_err(|err| io::Error::other(format!("{}: {err}", path.display())))?;
+        if online {
+            continue;
+        }
+        let state = path.join("state");
+        if let Err(err) = write_before(&state, "online", deadline) {
+            // The kernel may have onlined it meanwhile (it does so itself
+            // with memhp_default_state=online), and then refuses the write.
+            if std::fs::read_to_string(&state)
+                .map(|s| s.trim().to_owned())
+                .ok()
+                != Some("online".to_owned())
+            {
+                return Err(err);
+            }
         }
     }
+    let online = online_memory_mib(dir)?;
+    if online < want_mib {
+        return Err(io::Error::other(format!(
+            "{online} of {want_mib} MiB online"
+        )));
+    }
     Ok(())
+}
+
+/// Writes `value` to a sysfs file in a thread of its own, waiting for it
+/// until `deadline` at most.
+fn write_before(path: &Path, value: &'static str, deadline: Instant) -> io::Result<()> {
+    let (done, result) = std::sync::mpsc::channel();
+    let target = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = done.send(std::fs::write(&target, value));
+    });
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match result.recv_timeout(wait.max(POLL)) {
+        Ok(written) => {
+            written.map_err(|err| io::Error::other(format!("{}: {err}", path.display())))
+        }
+        Err(_) => Err(io::Error::other(format!(
+            "{}: no answer in time",
+            path.display()
+        ))),
+    }
 }
 
 /// `count` blocks of `size` bytes, in MiB.
@@ -118,21 +152,35 @@ fn mib(count: usize, size: u64) -> u64 {
     (count as u64 * size) >> 20
 }
 
-/// Polls `probe` until it yields a value or `timeout` passes.
+/// Polls `probe` until it yields a value or `deadline` passes.
 fn wait_for<T>(
-    timeout: Duration,
+    deadline: Instant,
     mut probe: impl FnMut() -> io::Result<Option<T>>,
 ) -> io::Result<Option<T>> {
-    let started = Instant::now();
     loop {
         if let Some(value) = probe()? {
             return Ok(Some(value));
         }
-        if started.elapsed() >= timeout {
+        if Instant::now() >= deadline {
             return Ok(None);
         }
         std::thread::sleep(POLL);
     }
+}
+
+fn online_cpu_count(dir: &Path) -> io::Result<u32> {
+    Ok(cpu_states(dir)?
+        .iter()
+        .filter(|(_, online)| *online)
+        .count() as u32)
+}
+
+fn online_memory_mib(dir: &Path) -> io::Result<u64> {
+    let (size, blocks) = memory_blocks(dir)?;
+    Ok(mib(
+        blocks.iter().filter(|(_, online)| *online).count(),
+        size,
+    ))
 }
 
 /// Every vCPU the kernel knows (`cpuN` folders) and whether it is online.
@@ -153,7 +201,13 @@ fn cpu_states(dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {
 
 /// The memory block size and every block with whether it is online.
 fn memory_blocks(dir: &Path) -> io::Result<(u64, Vec<(PathBuf, bool)>)> {
-    let text = std::fs::read_to_string(dir.join("block_size_bytes"))?;
+    let size_file = dir.join("block_size_bytes");
+    let text = std::fs::read_to_string(&size_file).map_err(|err| {
+        io::Error::other(format!(
+            "{}: {err} (a guest kernel without memory hotplug?)",
+            size_file.display()
+        ))
+    })?;
     let size = u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
         .map_err(|_| io::Error::other(format!("block_size_bytes is {:?}", text.trim())))?;
     let blocks = numbered_entries(dir, "memory")?
@@ -169,7 +223,13 @@ fn memory_blocks(dir: &Path) -> io::Result<(u64, Vec<(PathBuf, bool)>)> {
 /// `dir`'s entries named `prefix` and digits, e.g. cpu0, cpu12.
 fn numbered_entries(dir: &Path, prefix: &str) -> io::Result<Vec<PathBuf>> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
+    let entries = std::fs::read_dir(dir).map_err(|err| {
+        io::Error::other(format!(
+            "{}: {err} (a guest kernel without {prefix} hotplug?)",
+            dir.display()
+        ))
+    })?;
+    for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
         let Some(number) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
@@ -230,12 +290,26 @@ mod tests {
         let (_root, sysfs) = tree(&["0"], &["online", "online"]);
         let started = Instant::now();
         let (errors, resources) = grow(&sysfs, Some(3), Some(512), Duration::from_millis(50));
-        assert!(started.elapsed() >= Duration::from_millis(100));
+        // One deadline for both parts.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("2 of 3 vCPUs present"), "{errors:?}");
         assert!(errors[1].contains("256 of 512 MiB present"), "{errors:?}");
         // Nothing was onlined: the wait ended before the counts were met.
         assert_eq!(resources.cpus_online, 1);
+    }
+
+    #[test]
+    fn a_kernel_without_memory_hotplug_is_named() {
+        let (_root, sysfs) = tree(&[], &["online"]);
+        std::fs::remove_dir_all(&sysfs.memory).unwrap();
+        let (errors, _) = grow(&sysfs, None, Some(512), Duration::ZERO);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("without memory hotplug"), "{errors:?}");
     }
 
     #[test]

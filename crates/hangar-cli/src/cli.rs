@@ -456,8 +456,9 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 100)]
         megabytes: u64,
     },
-    /// Cold boot vs restore vs fork to a first exec; snapshot time and
-    /// size for 256 MiB and 1 GiB guests and for 1 GiB and 16 GiB disks.
+    /// Cold boot vs restore (as saved and grown) vs fork to a first exec;
+    /// snapshot time and size for 256 MiB and 1 GiB guests and for 64 MiB
+    /// and 1 GiB root file systems.
     Snapshot {
         /// Cold boots and restores to time (medians).
         #[arg(long, default_value_t = 3)]

@@ -1,7 +1,8 @@
 //! `bench snapshot`, in one run:
 //! - cold boot -> first exec (the baseline: the same 256 MiB VM with user
-//!   networking that is snapshotted), restore -> first exec, and
-//!   fork N -> all ready, with the memory the forks share;
+//!   networking that is snapshotted), restore -> first exec (as saved, and
+//!   grown by a vCPU and 256 MiB), and fork N -> all ready, with the memory
+//!   the forks share;
 //! - snapshot create time (and guest pause) and size for a 256 MiB and a
 //!   1 GiB guest;
 //! - the disk side for a 64 MiB and a 1 GiB root file system (it should
@@ -104,22 +105,14 @@ fn measure(
     let mut costs = Vec::new();
     let (small, cost) = snapshot_of(manager, made, &tag, 256, None)?;
     costs.push(cost);
-    // Restore -> first exec.
-    let mut restores = Vec::new();
-    for run in 0..runs {
-        let name = format!("bench-restored-{tag}-{run}");
-        let options = RestoreOptions {
-            name: Some(name.clone()),
-            ..Default::default()
-        };
-        let started = Instant::now();
-        manager.restore(&small, &options)?;
-        made.vms.push(name.clone());
-        true_in(manager, &name)?;
-        restores.push(started.elapsed());
-        manager.remove(None, &name, true)?;
-    }
-    let restore = median(&restores);
+    // Restore -> first exec, as saved and grown.
+    let restore = restore_median(manager, made, &small, runs, &RestoreOptions::default())?;
+    let grow = RestoreOptions {
+        cpus: Some(2),
+        memory: Some(ByteSize(512 << 20)),
+        ..Default::default()
+    };
+    let grown = restore_median(manager, made, &small, runs, &grow)?;
     // Fork N -> all ready (their agents answered), then one exec in each.
     let started = Instant::now();
     let forked = manager.fork(&small, forks, &RestoreOptions::default())?;
@@ -148,6 +141,8 @@ fn measure(
         "cold_boot_to_exec_median_ms": cold.as_millis(),
         "restore_to_exec_median_ms": restore.as_millis(),
         "restore_speedup": ratio(cold, restore),
+        "grown_restore_to_exec_median_ms": grown.as_millis(),
+        "grown_vs_restore": ratio(grown, restore),
         "forks": forks,
         "fork_all_ready_ms": fork.as_millis(),
         "fork_then_one_exec_each_ms": fork_execs.as_millis(),
@@ -166,6 +161,11 @@ fn measure(
         "restore -> first exec        {:>6} ms   {:.1}x faster than cold (goal >= 10x)",
         restore.as_millis(),
         ratio(cold, restore)
+    );
+    println!(
+        "restore +1 vCPU +256M -> exec {:>5} ms   {:.1}x a plain restore (vCPU and DIMM plugged in, brought online)",
+        grown.as_millis(),
+        ratio(grown, restore)
     );
     println!(
         "fork {forks:>2} -> all ready         {:>6} ms   {:.1}x one restore (goal <= 2x)",
@@ -195,6 +195,32 @@ fn measure(
         );
     }
     Ok(0)
+}
+
+/// The median of `runs` restores of `snapshot` with `options`, each up to
+/// its first exec.
+fn restore_median(
+    manager: &mut Manager,
+    made: &mut Made,
+    snapshot: &str,
+    runs: usize,
+    options: &RestoreOptions,
+) -> anyhow::Result<std::time::Duration> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let name = format!("bench-restored-{}", hangar::manager::new_id()?);
+        let options = RestoreOptions {
+            name: Some(name.clone()),
+            ..options.clone()
+        };
+        let started = Instant::now();
+        manager.restore(snapshot, &options)?;
+        made.vms.push(name.clone());
+        true_in(manager, &name)?;
+        times.push(started.elapsed());
+        manager.remove(None, &name, true)?;
+    }
+    Ok(median(&times))
 }
 
 /// The VMs the bench snapshots, and (256 MiB) the ones it boots cold as

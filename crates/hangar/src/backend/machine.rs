@@ -14,6 +14,11 @@ use crate::size::{ByteSize, GIB, MIB};
 pub const MEMORY_STEP: u64 = 128 * MIB;
 /// DIMM slots a machine has: the number of times memory can be added.
 pub const MEMORY_SLOTS: usize = 8;
+/// The most vCPUs QEMU's q35 machine takes, and a ceiling on memory a
+/// recorded shape may name (a record from an archive is checked against
+/// them before QEMU sees it).
+const MAX_CPUS: u32 = 288;
+const MAX_MEMORY: u64 = 1 << 40;
 /// Every VM may grow to at least this many vCPUs...
 const MIN_MAX_CPUS: u32 = 8;
 /// ...and at least this much memory (address space only: nothing is
@@ -58,8 +63,18 @@ impl MachineShape {
 
     /// The RAM the machine booted with, of `total` (what the guest has).
     pub fn boot_memory(&self, total: ByteSize) -> ByteSize {
-        let added: u64 = self.added_memory.iter().map(|m| m.0).sum();
-        ByteSize(total.0.saturating_sub(added))
+        ByteSize(
+            total
+                .0
+                .saturating_sub(self.added_total().unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// The memory in added DIMMs; None if it does not fit in a u64.
+    fn added_total(&self) -> Option<u64> {
+        self.added_memory
+            .iter()
+            .try_fold(0u64, |sum, dimm| sum.checked_add(dimm.0))
     }
 
     /// What takes a guest saved with `cpus` and `memory` to the wanted
@@ -95,10 +110,10 @@ impl MachineShape {
             if !more.is_multiple_of(MEMORY_STEP) {
                 let below = memory.0 + more / MEMORY_STEP * MEMORY_STEP;
                 let above = below + MEMORY_STEP;
-                let hint = if below > memory.0 {
-                    format!("{} or {}", ByteSize(below), ByteSize(above))
-                } else {
-                    ByteSize(above).to_string()
+                let hint = match (below > memory.0, above <= self.max_memory.0) {
+                    (true, true) => format!("{} or {}", ByteSize(below), ByteSize(above)),
+                    (true, false) => ByteSize(below).to_string(),
+                    (false, _) => ByteSize(above).to_string(),
                 };
                 return Err(format!(
                     "--memory {want}: memory is added in steps of 128M (a guest memory block) to the saved {memory}; give {hint}"
@@ -106,8 +121,9 @@ impl MachineShape {
             }
             if want > self.max_memory {
                 return Err(format!(
-                    "--memory {want}: its machine booted with room for {} of RAM at most",
-                    self.max_memory
+                    "--memory {want}: its machine booted with room for {} of RAM at most; give {memory} to {}",
+                    self.max_memory,
+                    ByteSize(self.largest_memory(memory))
                 ));
             }
             if self.added_memory.len() >= MEMORY_SLOTS {
@@ -120,17 +136,26 @@ impl MachineShape {
         Ok(growth)
     }
 
-    /// Whether the shape fits the vCPUs and memory recorded with it (a
-    /// snapshot record may come from an archive: checked before QEMU sees
-    /// it).
-    pub fn check(&self, cpus: u32, memory: ByteSize) -> Result<(), String> {
-        let added: u64 = self.added_memory.iter().map(|m| m.0).sum();
-        if cpus == 0 || cpus > self.max_cpus {
+    /// The most memory a guest saved with `memory` can grow to: the
+    /// ceiling, in whole steps.
+    fn largest_memory(&self, memory: ByteSize) -> u64 {
+        let room = self.max_memory.0.saturating_sub(memory.0);
+        memory.0 + room / MEMORY_STEP * MEMORY_STEP
+    }
+
+    /// Whether the shape fits the vCPUs and memory recorded with it and
+    /// QEMU's limits (a snapshot record may come from an archive: checked
+    /// before QEMU sees it).
+    pub fn validate_against(&self, cpus: u32, memory: ByteSize) -> Result<(), String> {
+        if cpus == 0 || cpus > self.max_cpus || self.max_cpus > MAX_CPUS {
             return Err(format!(
-                "{cpus} vCPUs do not fit its ceiling of {}",
+                "{cpus} vCPUs and a ceiling of {} (1 to {MAX_CPUS})",
                 self.max_cpus
             ));
         }
+        let added = self
+            .added_total()
+            .ok_or("its DIMMs add up to more than any machine has")?;
         if self.added_memory.len() > MEMORY_SLOTS {
             return Err(format!(
                 "{} DIMMs in {MEMORY_SLOTS} slots",
@@ -144,7 +169,14 @@ impl MachineShape {
         {
             return Err("a DIMM is not a whole number of 128M blocks".into());
         }
-        if added >= memory.0 || memory > self.max_memory || !memory.0.is_multiple_of(MIB) {
+        // QEMU wants the boot memory below the ceiling, both in whole MiB.
+        let fits = added < memory.0
+            && memory <= self.max_memory
+            && memory.0 - added < self.max_memory.0
+            && self.max_memory.0 <= MAX_MEMORY
+            && memory.0.is_multiple_of(MIB)
+            && self.max_memory.0.is_multiple_of(MIB);
+        if !fits {
             return Err(format!(
                 "{memory} of RAM does not fit {} added and a ceiling of {}",
                 ByteSize(added),
@@ -189,20 +221,28 @@ pub fn kernel_args(tcg: bool, host_mhz: Option<f64>) -> Vec<String> {
     args
 }
 
-/// The host CPU's clock rate in MHz, from /proc/cpuinfo's first `cpu MHz`.
+/// The host's TSC rate in MHz (what TCG's guest TSC runs at), from
+/// /proc/cpuinfo: half the first `bogomips` (on x86 the kernel derives it
+/// from the TSC rate, so frequency scaling does not move it), else the
+/// first `cpu MHz` (the current clock, which it may).
 pub fn host_mhz() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    parse_cpu_mhz(&text)
+    parse_tsc_mhz(&text)
 }
 
-fn parse_cpu_mhz(cpuinfo: &str) -> Option<f64> {
-    cpuinfo
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            (key.trim() == "cpu MHz").then(|| value.trim().parse::<f64>().ok())?
-        })
-        .filter(|mhz| mhz.is_finite() && *mhz > 0.0)
+fn parse_tsc_mhz(cpuinfo: &str) -> Option<f64> {
+    let first = |name: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().parse::<f64>().ok())?
+            })
+            .filter(|value| value.is_finite() && *value > 0.0)
+    };
+    first("bogomips")
+        .map(|b| b / 2.0)
+        .or_else(|| first("cpu MHz"))
 }
 
 /// Whether a kernel boots with room to grow: only a command line made
@@ -284,7 +324,23 @@ mod tests {
         let err = shape()
             .growth((1, ByteSize::mib(256)), (None, Some(ByteSize(17 * GIB))))
             .unwrap_err();
-        assert!(err.contains("room for 16G"), "{err}");
+        assert!(
+            err.contains("room for 16G") && err.contains("give 256M to 16G"),
+            "{err}"
+        );
+        // The step hint stays under the ceiling.
+        let near = MachineShape {
+            max_cpus: 8,
+            max_memory: ByteSize::mib(448),
+            added_memory: Vec::new(),
+        };
+        let err = near
+            .growth((1, ByteSize::mib(256)), (None, Some(ByteSize::mib(500))))
+            .unwrap_err();
+        assert!(
+            err.contains("give 384M;") || err.ends_with("give 384M"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -318,18 +374,30 @@ mod tests {
     #[test]
     fn a_recorded_shape_must_fit_its_counts() {
         let mut grown = shape();
-        assert_eq!(grown.check(1, ByteSize::mib(256)), Ok(()));
-        assert!(grown.check(9, ByteSize::mib(256)).is_err());
-        assert!(grown.check(0, ByteSize::mib(256)).is_err());
-        assert!(grown.check(1, ByteSize(17 * GIB)).is_err());
+        assert_eq!(grown.validate_against(1, ByteSize::mib(256)), Ok(()));
+        assert!(grown.validate_against(9, ByteSize::mib(256)).is_err());
+        assert!(grown.validate_against(0, ByteSize::mib(256)).is_err());
+        assert!(grown.validate_against(1, ByteSize(17 * GIB)).is_err());
         grown.added_memory = vec![ByteSize::mib(256)];
-        assert_eq!(grown.check(1, ByteSize::mib(512)), Ok(()));
+        assert_eq!(grown.validate_against(1, ByteSize::mib(512)), Ok(()));
         assert!(
-            grown.check(1, ByteSize::mib(256)).is_err(),
+            grown.validate_against(1, ByteSize::mib(256)).is_err(),
             "nothing left to boot with"
         );
         grown.added_memory = vec![ByteSize::mib(100)];
-        assert!(grown.check(1, ByteSize::mib(356)).is_err());
+        assert!(grown.validate_against(1, ByteSize::mib(356)).is_err());
+        // Sizes that would overflow, ceilings past QEMU's, a ceiling no
+        // higher than the boot memory.
+        grown.added_memory = vec![ByteSize(1 << 63), ByteSize(1 << 63)];
+        assert!(grown.validate_against(1, ByteSize::mib(256)).is_err());
+        let mut wild = shape();
+        wild.max_cpus = 100_000;
+        assert!(wild.validate_against(1, ByteSize::mib(256)).is_err());
+        let mut flat = shape();
+        flat.max_memory = ByteSize::mib(256);
+        assert!(flat.validate_against(1, ByteSize::mib(256)).is_err());
+        flat.max_memory = ByteSize((1 << 50) + (1 << 20));
+        assert!(flat.validate_against(1, ByteSize::mib(256)).is_err());
     }
 
     #[test]
@@ -351,10 +419,12 @@ mod tests {
     }
 
     #[test]
-    fn cpu_mhz_is_read_from_cpuinfo() {
-        let text = "processor\t: 0\nmodel name\t: X\ncpu MHz\t\t: 2445.428\ncache size\t: 512 KB\n";
-        assert_eq!(parse_cpu_mhz(text), Some(2445.428));
-        assert_eq!(parse_cpu_mhz("processor\t: 0\n"), None);
-        assert_eq!(parse_cpu_mhz("cpu MHz\t: nan\n"), None);
+    fn the_tsc_rate_is_read_from_cpuinfo() {
+        let text = "processor\t: 0\ncpu MHz\t\t: 1200.000\nbogomips\t: 4890.85\n";
+        assert_eq!(parse_tsc_mhz(text), Some(2445.425));
+        let text = "processor\t: 0\nmodel name\t: X\ncpu MHz\t\t: 2445.428\n";
+        assert_eq!(parse_tsc_mhz(text), Some(2445.428));
+        assert_eq!(parse_tsc_mhz("processor\t: 0\n"), None);
+        assert_eq!(parse_tsc_mhz("cpu MHz\t: nan\n"), None);
     }
 }

@@ -241,8 +241,8 @@ pub struct SavedState<'a> {
     /// vCPUs and memory to plug in once the state is loaded, before the
     /// guest runs on.
     pub growth: &'a machine::Growth,
-    /// How many DIMMs the saved machine has (the next one's number).
-    pub dimms: usize,
+    /// The number the added DIMM gets: how many the saved machine has.
+    pub next_dimm: usize,
 }
 
 /// Capability: stop and continue the vCPUs.

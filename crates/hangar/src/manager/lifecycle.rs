@@ -82,7 +82,13 @@ impl Manager {
             r.exit_reason = None;
             r.last_console_lines.clear();
             r.accel = Some(plan.accel);
-            r.machine = plan.machine.clone();
+            // A restore launches the saved machine and plugs its growth in:
+            // recorded grown from the start, so a snapshot never sees a
+            // record without the DIMM the guest has.
+            r.machine = match &incoming {
+                Some(incoming) => incoming.grown_machine(),
+                None => plan.machine.clone(),
+            };
             Ok::<_, ManagerError>(())
         })?;
         let backend = self.backend(record.backend)?;

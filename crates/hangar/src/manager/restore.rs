@@ -85,10 +85,11 @@ impl Incoming {
                 reason: format!("cannot make an identity: {err}"),
             })?;
         identity.cpus = self.growth.cpus;
-        identity.memory_mib = self
+        let identity_memory = self
             .growth
             .memory
             .map(|more| (self.saved_memory.0 + more.0) >> 20);
+        identity.memory_mib = identity_memory;
         let applied = client.set_identity(identity, timeout.min(IDENTITY_TIMEOUT), check)?;
         if !applied.errors.is_empty() {
             return Err(GuestError::Aborted {
@@ -98,9 +99,25 @@ impl Incoming {
                 ),
             });
         }
-        if !self.growth.is_empty() && applied.resources.is_none() {
+        if self.growth.is_empty() {
+            return Ok(());
+        }
+        let Some(online) = applied.resources else {
             return Err(GuestError::Aborted {
                 reason: "the snapshot's guest agent does not bring added vCPUs or memory online (it is older than this hangar); restore without --cpus/--memory, or take the snapshot again".into(),
+            });
+        };
+        let short_cpus = self.growth.cpus.filter(|want| online.cpus_online < *want);
+        let short_memory = identity_memory.filter(|want| online.memory_mib < *want);
+        if short_cpus.is_some() || short_memory.is_some() {
+            return Err(GuestError::Aborted {
+                reason: format!(
+                    "the guest has {} vCPUs and {} MiB online, not the {} and {} MiB asked for",
+                    online.cpus_online,
+                    online.memory_mib,
+                    self.growth.cpus.unwrap_or(self.saved_cpus),
+                    identity_memory.unwrap_or(self.saved_memory.0 >> 20),
+                ),
             });
         }
         Ok(())
@@ -272,7 +289,7 @@ impl Manager {
         let saved = (needs.cpus, needs.memory);
         let growth = match &needs.machine {
             Some(shape) => {
-                if let Err(why) = shape.check(needs.cpus, needs.memory) {
+                if let Err(why) = shape.validate_against(needs.cpus, needs.memory) {
                     return refuse(format!("its record's machine does not add up: {why}"));
                 }
                 match shape.growth(saved, (options.cpus, options.memory)) {
@@ -281,16 +298,19 @@ impl Manager {
                 }
             }
             None => {
-                if let Some(cpus) = options.cpus.filter(|c| *c != needs.cpus) {
+                let asked = match (
+                    options.cpus.filter(|c| *c != needs.cpus),
+                    options.memory.filter(|m| *m != needs.memory),
+                ) {
+                    (Some(cpus), Some(memory)) => Some(format!("--cpus {cpus} --memory {memory}")),
+                    (Some(cpus), None) => Some(format!("--cpus {cpus}")),
+                    (None, Some(memory)) => Some(format!("--memory {memory}")),
+                    (None, None) => None,
+                };
+                if let Some(flag) = asked {
                     return refuse(format!(
-                        "--cpus {cpus}: its VM's machine had no room to grow (a disk image's boot, or a VM started before hangar gave machines room), so the guest resumes with exactly {} vCPUs",
-                        needs.cpus
-                    ));
-                }
-                if let Some(memory) = options.memory.filter(|m| *m != needs.memory) {
-                    return refuse(format!(
-                        "--memory {memory}: its VM's machine had no room to grow (a disk image's boot, or a VM started before hangar gave machines room), so the guest resumes with exactly {}",
-                        needs.memory
+                        "{flag}: its VM's machine had no room to grow (a disk image's boot, or a VM started before hangar gave machines room), so the guest resumes with exactly {} vCPUs and {} of RAM: leave the flags out",
+                        needs.cpus, needs.memory
                     ));
                 }
                 Growth::default()
@@ -301,7 +321,7 @@ impl Manager {
             && !crate::backend::machine::presets_delay_loop(&snapshot.boot.cmdline)
         {
             return refuse(format!(
-                "--cpus: its guest kernel booted without a preset delay loop (lpj=), and under TCG a vCPU added to such a guest can hang it while coming online; give --cpus {}, or snapshot a VM booted by hangar's kernel",
+                "--cpus: its guest kernel booted without a preset delay loop (lpj=, which hangar sets where /proc/cpuinfo gives the host's clock rate), and under TCG a vCPU added to such a guest can hang it while coming online; give --cpus {} or leave it out",
                 needs.cpus
             ));
         }
@@ -442,20 +462,10 @@ impl Manager {
             machine: snapshot.resources.machine.clone(),
             growth: growth.clone(),
         };
-        let grown = incoming.grown_machine();
         let (namespace, id) = (record.namespace.clone(), record.id.clone());
-        let started =
-            self.start_record_from(record, Some(incoming))
-                .and_then(|(record, _client)| {
-                    if growth.is_empty() {
-                        return Ok(record);
-                    }
-                    // Launched with the saved machine; it has the DIMM now.
-                    self.store.update(&id, |r| {
-                        r.machine = grown.clone();
-                        Ok::<_, ManagerError>(())
-                    })
-                });
+        let started = self
+            .start_record_from(record, Some(incoming))
+            .map(|(record, _client)| record);
         match started {
             Ok(record) => Ok(record),
             Err(err) => {
@@ -482,7 +492,7 @@ impl Manager {
             ram_file: incoming.memory == MemoryForm::File,
             vmm_version: &incoming.vmm_version,
             growth: &incoming.growth,
-            dimms: incoming
+            next_dimm: incoming
                 .machine
                 .as_ref()
                 .map_or(0, |shape| shape.added_memory.len()),

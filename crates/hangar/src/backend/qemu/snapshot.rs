@@ -184,7 +184,7 @@ impl Snapshotting for QemuBackend {
         )?;
         wait_migration(&mut qmp, "loading the saved state", timeout)?;
         crate::trace::phase("restore: migration completed");
-        plug(&mut qmp, saved.growth, saved.dimms)?;
+        plug(&mut qmp, saved.growth, saved.next_dimm)?;
         // Loaded guests stay paused until told otherwise.
         if !qmp.query_status()?.running {
             qmp.execute(QmpCommand::Cont)?;
@@ -195,9 +195,9 @@ impl Snapshotting for QemuBackend {
 
 /// Plugs `growth` into a loaded, paused guest: vCPUs into the machine's
 /// free CPU slots (lowest first, QEMU's own type and slot properties) and
-/// one DIMM, numbered after the `dimms` it has. The guest handles the ACPI
+/// one DIMM, number `next_dimm`. The guest handles the ACPI
 /// events when it runs on; its agent brings the new parts online.
-fn plug(qmp: &mut QmpClient, growth: &Growth, dimms: usize) -> Result<(), BackendError> {
+fn plug(qmp: &mut QmpClient, growth: &Growth, next_dimm: usize) -> Result<(), BackendError> {
     if let Some(want) = growth.cpus {
         let slots = qmp.call_with("query-hotpluggable-cpus", json!({}))?;
         let slots = slots.as_array().cloned().unwrap_or_default();
@@ -233,7 +233,7 @@ fn plug(qmp: &mut QmpClient, growth: &Growth, dimms: usize) -> Result<(), Backen
         crate::trace::phase("restore: vCPUs plugged in");
     }
     if let Some(size) = growth.memory {
-        let (backend, device) = super::argv::dimm_ids(dimms);
+        let (backend, device) = super::argv::dimm_ids(next_dimm);
         qmp.call_with(
             "object-add",
             json!({ "qom-type": "memory-backend-ram", "id": backend, "size": size.0 }),
