@@ -326,15 +326,20 @@ fn bench_bundle(manager: &mut Manager, tag: &str, size: &str) -> anyhow::Result<
     let kernel = manager.default_image()?.kernel;
     std::fs::copy(&kernel, dir.path().join("vmlinux"))?;
     let rootfs = dir.path().join("rootfs.ext4");
-    let status = Command::new("mkfs.ext4")
+    // Captured: mke2fs says "Creating regular file" even with -q.
+    let made = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&tree)
         .arg(&rootfs)
         .arg(size)
-        .status()
+        .output()
         .context("mkfs.ext4 (apt-get install e2fsprogs)")?;
-    if !status.success() {
-        bail!("mkfs.ext4 failed: {status}");
+    if !made.status.success() {
+        bail!(
+            "mkfs.ext4 failed: {}: {}",
+            made.status,
+            String::from_utf8_lossy(&made.stderr).trim()
+        );
     }
     let id = format!("bench-{tag}-{}", size.to_lowercase());
     let manifest = serde_json::json!({
