@@ -157,4 +157,30 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
         assert_eq!((cpus.as_str(), nproc, file.as_str()), ("0-2", 3, "kept"));
         assert!(fork_kb >= kb + 120 * 1024, "{fork_kb} kB vs {kb} kB");
     }
+
+    // A snapshot whose record has no machine (taken before VMs had room
+    // to grow) restores with exactly its counts, and says why it cannot
+    // grow.
+    let record: serde_json::Value =
+        serde_json::from_str(&ok(&hangar(state, &["snapshot", "inspect", &snap]))).unwrap();
+    let file = state
+        .join("snapshots-v1")
+        .join(record["id"].as_str().unwrap())
+        .join("snapshot.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let resources_of = saved
+        .pointer_mut("/resources")
+        .and_then(|r| r.as_object_mut())
+        .unwrap_or_else(|| panic!("no resources in {}", file.display()));
+    assert!(resources_of.remove("machine").is_some(), "{saved}");
+    std::fs::write(&file, serde_json::to_vec_pretty(&saved).unwrap()).unwrap();
+    refused(
+        state,
+        &[
+            "restore", &snap, "--name", &name, "--cpus", "2", "--memory", "512M",
+        ],
+        "--cpus 2 --memory 512M: its VM's machine had no room to grow",
+    );
+    assert!(!hangar(state, &["inspect", &name]).status.success());
 }
