@@ -12,25 +12,6 @@ use std::path::Path;
 
 use common::*;
 
-/// Removes a snapshot when dropped (after the VMs built on it).
-struct SnapshotGuard<'a> {
-    state: &'a Path,
-    name: String,
-}
-
-impl Drop for SnapshotGuard<'_> {
-    fn drop(&mut self) {
-        let _ = hangar(self.state, &["snapshot", "rm", "--force", &self.name]);
-    }
-}
-
-fn guard(state: &'static Path, name: &str) -> VmGuard<'static> {
-    VmGuard {
-        state,
-        name: name.to_owned(),
-    }
-}
-
 /// Online vCPUs (the kernel's list), `nproc`, MemTotal in kB, and whether
 /// the snapshot's counter process and file are there.
 fn resources(state: &Path, vm: &str) -> (String, u32, u64, String) {
@@ -70,7 +51,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
     let state = shared_state();
     let vm = unique("grow-src");
     ok(&hangar(state, &["create", "--name", &vm]));
-    let _vm = guard(state, &vm);
+    let _vm = VmGuard::new(state, &vm);
     ok(&hangar(state, &["start", &vm]));
     sh(
         state,
@@ -78,14 +59,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
         "echo kept > /root/file; (while true; do sleep 1; done) </dev/null >/dev/null 2>&1 & echo $! > /root/counter.pid",
     );
     let snap = unique("grow");
-    let _snap = SnapshotGuard {
-        state,
-        name: snap.clone(),
-    };
-    ok(&hangar(
-        state,
-        &["snapshot", "create", &vm, "--name", &snap],
-    ));
+    let _snap = take_snapshot(state, &vm, &snap);
     let (cpus, nproc, base_kb, file) = resources(state, &vm);
     assert_eq!((cpus.as_str(), nproc, file.as_str()), ("0", 1, "kept"));
 
@@ -111,7 +85,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
             "restore", &snap, "--name", &grown, "--cpus", "2", "--memory", "512M",
         ],
     ));
-    let _grown = guard(state, &grown);
+    let _grown = VmGuard::new(state, &grown);
     let (cpus, nproc, kb, file) = resources(state, &grown);
     assert_eq!((cpus.as_str(), nproc, file.as_str()), ("0-1", 2, "kept"));
     // The DIMM's 256 MiB all count (less a little for its memory map).
@@ -123,14 +97,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
     // A snapshot of the grown VM restores grown (its DIMM is recreated),
     // and its forks grow further.
     let snap2 = unique("grown-snap");
-    let _snap2 = SnapshotGuard {
-        state,
-        name: snap2.clone(),
-    };
-    ok(&hangar(
-        state,
-        &["snapshot", "create", &grown, "--name", &snap2],
-    ));
+    let _snap2 = take_snapshot(state, &grown, &snap2);
     refused(
         state,
         &["restore", &snap2, "--name", &name, "--cpus", "1"],
@@ -138,7 +105,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
     );
     let again = unique("again");
     ok(&hangar(state, &["restore", &snap2, "--name", &again]));
-    let _again = guard(state, &again);
+    let _again = VmGuard::new(state, &again);
     let (cpus, _, again_kb, file) = resources(state, &again);
     assert_eq!((cpus.as_str(), file.as_str()), ("0-1", "kept"));
     assert!(again_kb.abs_diff(kb) < 8 * 1024, "{again_kb} kB vs {kb} kB");
@@ -150,7 +117,7 @@ fn restores_and_forks_grow_vcpus_and_memory_and_never_shrink() {
         ],
     ));
     let names: Vec<String> = forks.split_whitespace().map(str::to_owned).collect();
-    let _forks: Vec<_> = names.iter().map(|n| guard(state, n)).collect();
+    let _forks: Vec<_> = names.iter().map(|n| VmGuard::new(state, n)).collect();
     assert_eq!(names.len(), 2, "{forks}");
     for fork in &names {
         let (cpus, nproc, fork_kb, file) = resources(state, fork);

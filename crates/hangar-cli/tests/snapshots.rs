@@ -13,18 +13,6 @@ use std::path::{Path, PathBuf};
 use common::images::add_ext4_bundle;
 use common::*;
 
-/// Removes a snapshot when dropped (after the VMs built on it).
-struct SnapshotGuard<'a> {
-    state: &'a Path,
-    name: String,
-}
-
-impl Drop for SnapshotGuard<'_> {
-    fn drop(&mut self) {
-        let _ = hangar(self.state, &["snapshot", "rm", "--force", &self.name]);
-    }
-}
-
 fn snapshot_guard<'a>(state: &'a Path, name: &str) -> SnapshotGuard<'a> {
     SnapshotGuard {
         state,
@@ -52,13 +40,6 @@ fn exec(state: &Path, vm: &str, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn guard(state: &'static Path, name: &str) -> VmGuard<'static> {
-    VmGuard {
-        state,
-        name: name.to_owned(),
-    }
-}
-
 #[test]
 fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     let state = shared_state();
@@ -67,7 +48,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
         state,
         &["create", "--name", &vm, "--network", "user"],
     ));
-    let _vm = guard(state, &vm);
+    let _vm = VmGuard::new(state, &vm);
     ok(&hangar(state, &["start", &vm]));
     // A counter process in the background, and a file.
     exec(
@@ -115,7 +96,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
             "phoenix",
         ],
     ));
-    let _restored = guard(state, &restored);
+    let _restored = VmGuard::new(state, &restored);
     let seen = exec(
         state,
         &restored,
@@ -148,7 +129,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     // Fork 3: distinct identities, private writes.
     let forked = ok(&hangar(state, &["fork", &snap, "--count", "3"]));
     let forks: Vec<String> = forked.lines().map(str::to_owned).collect();
-    let _forks: Vec<_> = forks.iter().map(|f| guard(state, f)).collect();
+    let _forks: Vec<_> = forks.iter().map(|f| VmGuard::new(state, f)).collect();
     assert_eq!(forks.len(), 3, "{forked}");
     let mut identities = std::collections::BTreeSet::new();
     for fork in &forks {
@@ -208,7 +189,7 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     assert_eq!(record["memory"], "stream", "{record}");
     let third = unique("third");
     ok(&hangar(state, &["restore", &again, "--name", &third]));
-    let _third = guard(state, &third);
+    let _third = VmGuard::new(state, &third);
     assert_eq!(exec(state, &third, "cat /root/file").trim(), "kept");
     // Snapshots of running guests only; resources never shrink (growing
     // is tests/snapshot_growth.rs).
@@ -241,7 +222,7 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
         state,
         &["create", "--name", &vm, "--image", &image],
     ));
-    let _vm = guard(state, &vm);
+    let _vm = VmGuard::new(state, &vm);
     ok(&hangar(state, &["start", &vm]));
     exec(state, &vm, "echo one > /root/one; sync");
     let first = unique("disk-1");
@@ -277,7 +258,7 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
 
     let from_first = unique("from-1");
     ok(&hangar(state, &["restore", &first, "--name", &from_first]));
-    let _from_first = guard(state, &from_first);
+    let _from_first = VmGuard::new(state, &from_first);
     assert_eq!(
         exec(state, &from_first, "ls /root")
             .split_whitespace()
@@ -327,7 +308,7 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
     ));
     let back = unique("back");
     ok(&hangar(state, &["restore", &imported, "--name", &back]));
-    let _back = guard(state, &back);
+    let _back = VmGuard::new(state, &back);
     assert_eq!(
         exec(state, &back, "ls /root")
             .split_whitespace()

@@ -172,6 +172,38 @@ impl Drop for VmGuard<'_> {
     }
 }
 
+impl VmGuard<'_> {
+    pub fn new<'a>(state: &'a Path, name: &str) -> VmGuard<'a> {
+        VmGuard {
+            state,
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// Removes a snapshot when dropped (declared after the VMs built on it, so
+/// it goes after them).
+pub struct SnapshotGuard<'a> {
+    pub state: &'a Path,
+    pub name: String,
+}
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        let _ = hangar(self.state, &["snapshot", "rm", "--force", &self.name]);
+    }
+}
+
+/// `hangar snapshot create VM --name NAME`, removed when the guard drops.
+pub fn take_snapshot<'a>(state: &'a Path, vm: &str, name: &str) -> SnapshotGuard<'a> {
+    let guard = SnapshotGuard {
+        state,
+        name: name.to_owned(),
+    };
+    ok(&hangar(state, &["snapshot", "create", vm, "--name", name]));
+    guard
+}
+
 /// True while `pid` exists and is not a zombie. A daemonized QEMU is
 /// reparented to PID 1; a zombie means it exited and waits for init (which
 /// in some sandboxes never reaps), so it counts as gone.
