@@ -224,10 +224,15 @@ pub fn kernel_args(tcg: bool, host_mhz: Option<f64>) -> Vec<String> {
 /// The host's TSC rate in MHz (what TCG's guest TSC runs at), from
 /// /proc/cpuinfo: half the first `bogomips` (on x86 the kernel derives it
 /// from the TSC rate, so frequency scaling does not move it), else the
-/// first `cpu MHz` (the current clock, which it may).
+/// first `cpu MHz` (the current clock, which it may). Read once per
+/// process: the rate does not change, and /proc/cpuinfo is long on big
+/// hosts.
 pub fn host_mhz() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    parse_tsc_mhz(&text)
+    static RATE: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *RATE.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        parse_tsc_mhz(&text)
+    })
 }
 
 fn parse_tsc_mhz(cpuinfo: &str) -> Option<f64> {

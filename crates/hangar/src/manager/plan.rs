@@ -2,7 +2,7 @@
 //! disk, seed, kernel command line, accelerator.
 
 use super::{Manager, ManagerError};
-use crate::backend::machine::MachineShape;
+use crate::backend::machine::{self, MachineShape};
 use crate::backend::{LaunchPlan, RootDisk};
 use crate::image::disk::DiskFormat;
 use crate::record::{Accel, BackendKind, VmRecord};
@@ -117,7 +117,7 @@ impl Manager {
         }
         // Before the user's arguments, which may override them.
         let tcg = plan.accel == Accel::Tcg;
-        for arg in crate::backend::machine::kernel_args(tcg, crate::backend::machine::host_mhz()) {
+        for arg in machine::kernel_args(tcg, machine::host_mhz()) {
             cmdline.push(' ');
             cmdline.push_str(&arg);
         }
@@ -138,7 +138,7 @@ impl Manager {
 /// that make it cheap (firmware boots get none: their kernel's command
 /// line is the image's).
 fn room_to_grow(record: &VmRecord, plan: &LaunchPlan) -> Option<MachineShape> {
-    (plan.kernel.is_some() && crate::backend::machine::cmdline_allows_growth(&plan.cmdline))
+    (plan.kernel.is_some() && machine::cmdline_allows_growth(&plan.cmdline))
         .then(|| MachineShape::for_boot(record.spec.cpus, record.spec.memory))
 }
 
