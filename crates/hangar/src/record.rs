@@ -4,6 +4,7 @@
 //! Compatibility: every field added after version 1 has a serde default, so a
 //! record written by an older Hangar still loads.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -231,8 +232,12 @@ pub struct VmRecord {
     /// froze the first one (None: `root.qcow2`).
     #[serde(default)]
     pub root_layer: Option<String>,
-    /// The snapshot whose frozen disk the writable layer sits on: it cannot
-    /// be removed while this VM exists.
+    /// The writable layers of the data disks Hangar made, by index, where
+    /// a snapshot froze the first one (absent: `data-N.qcow2`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_layers: BTreeMap<usize, String>,
+    /// The snapshot whose frozen disks the writable layers sit on: it
+    /// cannot be removed while this VM exists.
     #[serde(default)]
     pub disk_snapshot: Option<String>,
     /// The snapshot this VM was restored or forked from.
@@ -264,10 +269,14 @@ pub struct SavedBoot {
     /// Booted with qboot (a kernel) rather than SeaBIOS (a disk).
     #[serde(default)]
     pub firmware_boot: bool,
+    /// The frozen layers (qcow2) of the data disks Hangar made, in the
+    /// spec's order: a restored VM's data disks sit on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<SavedDisk>,
 }
 
-/// The root disk of a saved boot: a frozen writable layer (qcow2) or a
-/// read-only base.
+/// A disk of a saved boot: a frozen writable layer (qcow2) or a read-only
+/// base.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDisk {
     pub path: PathBuf,
@@ -322,6 +331,7 @@ impl VmRecord {
             ports: Vec::new(),
             ssh_host_key: None,
             root_layer: None,
+            data_layers: BTreeMap::new(),
             disk_snapshot: None,
             restored_from: None,
             boot: None,
@@ -333,6 +343,14 @@ impl VmRecord {
     pub fn root_layer_path(&self) -> PathBuf {
         self.work_dir
             .join(self.root_layer.as_deref().unwrap_or("root.qcow2"))
+    }
+
+    /// Data disk `index`'s writable layer (qcow2) in the work dir.
+    pub fn data_layer_path(&self, index: usize) -> PathBuf {
+        match self.data_layers.get(&index) {
+            Some(name) => self.work_dir.join(name),
+            None => self.work_dir.join(format!("data-{index}.qcow2")),
+        }
     }
 
     /// Records that the VMM is gone: the end state, why, and the console's

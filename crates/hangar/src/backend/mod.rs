@@ -165,24 +165,37 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// Where a snapshot's files go, and what the VM's disk does.
+/// Where a snapshot's files go, and what the VM's disks do.
 #[derive(Clone, Debug)]
 pub struct SnapshotTarget {
     /// The snapshot's folder (exists, empty).
     pub dir: PathBuf,
-    /// The root disk's writable layer now (in the VM's work dir), frozen
-    /// into `dir/disk.qcow2`, and the new layer the VM goes on with.
-    pub disk: Option<DiskFreeze>,
+    /// The writable disks whose layers are frozen into `dir`, all at the
+    /// same instant; the VM goes on in new layers.
+    pub disks: Vec<DiskFreeze>,
     /// Stop the VMM after saving instead of letting the guest run on.
     pub stop_after: bool,
 }
 
+/// Which of a VM's disks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskRole {
+    Root,
+    /// A data disk, by its place in the spec.
+    Data(usize),
+}
+
+/// One disk's freeze: its writable layer now (in the VM's work dir) goes
+/// into the snapshot as `frozen`; `next` is the new layer.
 #[derive(Clone, Debug)]
 pub struct DiskFreeze {
+    pub role: DiskRole,
     pub current: PathBuf,
     pub next: PathBuf,
     /// A name for the new layer, unique in the VMM.
     pub node: String,
+    /// The frozen layer's file name in the snapshot's folder.
+    pub frozen: String,
 }
 
 /// What a snapshot holds, as saved.
@@ -202,7 +215,7 @@ pub struct SnapshotTaken {
 /// Capability: save a running VM (memory, devices, disk) and start VMs from
 /// what was saved.
 pub trait Snapshotting {
-    /// Pauses the VM, freezes its disk layer, saves devices and memory
+    /// Pauses the VM, freezes its disk layers, saves devices and memory
     /// into `target.dir`, then resumes it (or ends it with `stop_after`).
     /// The guest runs on after a failure too.
     fn snapshot(
@@ -211,11 +224,13 @@ pub trait Snapshotting {
         target: &SnapshotTarget,
     ) -> Result<SnapshotTaken, BackendError>;
 
-    /// Rewrites the header of the running VM's disk layer `node` to name
-    /// `backing` (the same file by another name) as its backing file.
+    /// Rewrites the header of the running VM's new layer `node` of disk
+    /// `role` to name `backing` (the same file by another name) as its
+    /// backing file.
     fn relink_layer(
         &self,
         vm: &VmRecord,
+        role: DiskRole,
         node: &str,
         backing: &std::path::Path,
     ) -> Result<(), BackendError>;

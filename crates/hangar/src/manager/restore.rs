@@ -336,6 +336,16 @@ impl Manager {
         if snapshot.boot.root_disk.is_none() && options.disk_size.is_some() {
             return refuse("--disk: the snapshot's VM has no root disk".into());
         }
+        let data = &snapshot.spec.data_disks;
+        if data.len() != snapshot.boot.data_disks.len()
+            || data
+                .iter()
+                .any(|disk| disk.path.is_some() || disk.size.is_none())
+        {
+            return refuse(
+                "its record's data disks do not match the frozen layers it holds; the record is damaged (take the snapshot again)".into(),
+            );
+        }
         Ok(growth)
     }
 
@@ -395,7 +405,8 @@ impl Manager {
             .boot
             .root_disk
             .as_ref()
-            .is_some_and(|disk| !disk.read_only);
+            .is_some_and(|disk| !disk.read_only)
+            || !snapshot.boot.data_disks.is_empty();
         record.disk_snapshot = writable_disk.then(|| snapshot.id.clone());
         record.boot = Some(SavedBoot {
             kernel: snapshot
@@ -419,6 +430,15 @@ impl Manager {
                 read_only: disk.read_only,
             }),
             firmware_boot: snapshot.boot.firmware_boot,
+            data_disks: snapshot
+                .boot
+                .data_disks
+                .iter()
+                .map(|disk| SavedDisk {
+                    path: dir.join(&disk.path),
+                    ..disk.clone()
+                })
+                .collect(),
         });
         self.store.insert(&record)?;
         let made = crate::layout::create_private_dir(&work_dir)
@@ -508,7 +528,8 @@ impl Manager {
 /// The new VM's spec, from an allow-list of the snapshot's (an imported
 /// record is not trusted with host paths): image (for pins), vCPUs, memory,
 /// network mode and guest ports (host ports picked free: fixed ones are the
-/// source's), labels. No data disks, seed, SSH, shared dirs or vsock.
+/// source's), labels, data disks Hangar made (their layers sit on the
+/// snapshot's). No host disk files, seed, SSH, shared dirs or vsock.
 fn restored_spec(
     snapshot: &SnapshotRecord,
     name: &str,
@@ -525,6 +546,16 @@ fn restored_spec(
     spec.memory = options.memory.unwrap_or(snapshot.resources.memory);
     spec.disk_size = options.disk_size;
     spec.labels = source.labels.clone();
+    // Checked to be Hangar's own (a size, no host file) before.
+    spec.data_disks = source
+        .data_disks
+        .iter()
+        .map(|disk| crate::spec::DataDisk {
+            size: disk.size,
+            path: None,
+            read_only: false,
+        })
+        .collect();
     spec.network = match &source.network {
         NetworkSpec::User { forwards } => NetworkSpec::User {
             forwards: forwards

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Manager, ManagerError};
-use crate::backend::{BackendError, DiskFreeze, SnapshotTarget};
+use crate::backend::{BackendError, DiskFreeze, DiskRole, SnapshotTarget};
 use crate::record::{SavedBoot, SavedDisk, VmState};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{
@@ -121,104 +121,107 @@ impl Manager {
         options: &SnapshotOptions,
     ) -> Result<SnapshotRecord, ManagerError> {
         let store = self.snapshot_store();
-        let id = id.to_owned();
-        let name = name.to_owned();
-        let dir = dir.to_path_buf();
-        {
-            let boot = link_boot_files(plan, &dir)?;
-            let next = vm.work_dir.join(format!("root-{id}.qcow2"));
-            let freeze = boot
-                .root_disk
-                .as_ref()
-                .filter(|disk| !disk.read_only)
-                .map(|_| DiskFreeze {
-                    current: vm.root_layer_path(),
-                    next: next.clone(),
-                    node: format!("layer-{id}"),
-                });
-            let target = SnapshotTarget {
-                dir: dir.clone(),
-                disk: freeze.clone(),
-                stop_after: options.stop,
-            };
-            let taken = self.snapshotting(vm)?.snapshot(vm, &target);
-            // Once frozen, the VM writes to the new layer whatever else
-            // happened: the record follows the disk. (Its header names the
-            // frozen layer by its work-dir name until relinked below.)
-            if freeze.is_some() && next.is_file() {
-                let layer = format!("root-{id}.qcow2");
-                self.store.update(&vm.id, |r| {
-                    r.root_layer = Some(layer.clone());
-                    Ok::<_, ManagerError>(())
-                })?;
-            }
-            let taken = taken.map_err(|source| ManagerError::Backend {
-                name: vm.name.clone(),
-                source,
+        let (id, name, dir) = (id.to_owned(), name.to_owned(), dir.to_path_buf());
+        let boot = link_boot_files(plan, vm.spec.data_disks.len(), &dir)?;
+        let freezes = disk_freezes(vm, &boot, &id);
+        let target = SnapshotTarget {
+            dir: dir.clone(),
+            disks: freezes.clone(),
+            stop_after: options.stop,
+        };
+        let taken = self.snapshotting(vm)?.snapshot(vm, &target);
+        // Once frozen, the VM writes to the new layers whatever else
+        // happened: the record follows the disks. (Their headers name the
+        // frozen layers by their work-dir names until relinked below.)
+        let frozen: Vec<&DiskFreeze> = freezes.iter().filter(|f| f.next.is_file()).collect();
+        if !frozen.is_empty() {
+            self.store.update(&vm.id, |r| {
+                for freeze in &frozen {
+                    let layer = file_name(&freeze.next);
+                    match freeze.role {
+                        DiskRole::Root => r.root_layer = Some(layer),
+                        DiskRole::Data(index) => {
+                            r.data_layers.insert(index, layer);
+                        }
+                    }
+                }
+                Ok::<_, ManagerError>(())
             })?;
-            let files = sync_and_list(&dir)?;
-            let record = SnapshotRecord {
-                format: SNAPSHOT_FORMAT,
-                id: id.clone(),
-                name: name.clone(),
-                description: options.description.clone(),
-                created_at: chrono::Utc::now(),
-                source: SourceVm {
-                    id: vm.id.clone(),
-                    name: vm.name.clone(),
-                },
-                backend: vm.backend,
-                accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
-                vmm_version: taken.vmm_version,
-                agent_protocol: hangar_proto::PROTOCOL_VERSION,
-                spec: recorded_spec(&vm.spec),
-                resources: resources(vm, &dir),
-                memory: if taken.ram_file {
-                    MemoryForm::File
-                } else {
-                    MemoryForm::Stream
-                },
-                boot,
-                parent: vm.disk_snapshot.clone().filter(|_| freeze.is_some()),
-                image: image_reference(&vm.spec.image),
-                seed_bytes: taken.seed_bytes,
-                paused_ms: u64::try_from(taken.paused.as_millis()).unwrap_or(u64::MAX),
-                files,
-            };
-            store.save(&record)?;
-            if let Some(freeze) = &freeze {
-                self.relink_layer(vm, &id, freeze, &dir.join("disk.qcow2"), options.stop);
-            }
-            Ok(record)
         }
+        let taken = taken.map_err(|source| ManagerError::Backend {
+            name: vm.name.clone(),
+            source,
+        })?;
+        let files = sync_and_list(&dir)?;
+        let record = SnapshotRecord {
+            format: SNAPSHOT_FORMAT,
+            id: id.clone(),
+            name: name.clone(),
+            description: options.description.clone(),
+            created_at: chrono::Utc::now(),
+            source: SourceVm {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+            },
+            backend: vm.backend,
+            accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
+            vmm_version: taken.vmm_version,
+            agent_protocol: hangar_proto::PROTOCOL_VERSION,
+            spec: recorded_spec(&vm.spec),
+            resources: resources(vm, &dir),
+            memory: if taken.ram_file {
+                MemoryForm::File
+            } else {
+                MemoryForm::Stream
+            },
+            boot,
+            parent: vm.disk_snapshot.clone().filter(|_| !freezes.is_empty()),
+            image: image_reference(&vm.spec.image),
+            seed_bytes: taken.seed_bytes,
+            paused_ms: u64::try_from(taken.paused.as_millis()).unwrap_or(u64::MAX),
+            files,
+        };
+        store.save(&record)?;
+        self.relink_layers(vm, &id, &freezes, &dir, options.stop);
+        Ok(record)
     }
 
-    /// Points the VM's new layer at the frozen one's name in the snapshot,
-    /// so the VM depends on the snapshot (not on a second name in its work
-    /// dir), and drops the work-dir name. Best effort: until it happens the
-    /// chain goes through the work-dir name, which is just as whole.
-    fn relink_layer(
+    /// Points the VM's new layers at the frozen ones' names in the
+    /// snapshot, so the VM depends on the snapshot (not on second names in
+    /// its work dir), and drops the work-dir names. Best effort: until it
+    /// happens a chain goes through the work-dir name, which is just as
+    /// whole.
+    fn relink_layers(
         &mut self,
         vm: &crate::record::VmRecord,
         id: &str,
-        freeze: &DiskFreeze,
-        frozen: &Path,
+        freezes: &[DiskFreeze],
+        dir: &Path,
         stopped: bool,
     ) {
-        let relinked = if stopped {
-            // No VMM holds the layer: rewrite its header directly.
-            std::process::Command::new("qemu-img")
-                .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg(frozen)
-                .arg(&freeze.next)
-                .output()
-                .is_ok_and(|out| out.status.success())
-        } else {
-            self.snapshotting(vm)
-                .ok()
-                .is_some_and(|backend| backend.relink_layer(vm, &freeze.node, frozen).is_ok())
-        };
-        if !relinked {
+        let mut relinked = Vec::new();
+        for freeze in freezes {
+            let frozen = dir.join(&freeze.frozen);
+            let done = if stopped {
+                // No VMM holds the layer: rewrite its header directly.
+                std::process::Command::new("qemu-img")
+                    .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                    .arg(&frozen)
+                    .arg(&freeze.next)
+                    .output()
+                    .is_ok_and(|out| out.status.success())
+            } else {
+                self.snapshotting(vm).ok().is_some_and(|backend| {
+                    backend
+                        .relink_layer(vm, freeze.role, &freeze.node, &frozen)
+                        .is_ok()
+                })
+            };
+            if done {
+                relinked.push(&freeze.current);
+            }
+        }
+        if relinked.is_empty() {
             return;
         }
         let updated = self.store.update(&vm.id, |r| {
@@ -227,7 +230,9 @@ impl Manager {
             Ok::<_, ManagerError>(())
         });
         if updated.is_ok() {
-            let _ = std::fs::remove_file(&freeze.current);
+            for current in relinked {
+                let _ = std::fs::remove_file(current);
+            }
         }
     }
 
@@ -298,6 +303,8 @@ impl Manager {
                 format: disk.format,
                 read_only: disk.read_only,
             }),
+            // Named by `link_boot_files` for the snapshot.
+            data_disks: Vec::new(),
         })
     }
 }
@@ -324,8 +331,13 @@ fn snapshot_supported(vm: &crate::record::VmRecord) -> Result<(), ManagerError> 
             "no guest agent (reached over SSH): a restored copy could not be given a new identity",
         );
     }
-    if !vm.spec.data_disks.is_empty() {
-        return refuse("data disks (--data-disk, --attach-disk)");
+    if vm.spec.data_disks.iter().any(|disk| disk.path.is_some()) {
+        return refuse(
+            "host disk files attached as they are (--attach-disk): a snapshot would have to freeze a file hangar does not own; give the VM --data-disk disks instead",
+        );
+    }
+    if vm.spec.data_disks.iter().any(|disk| disk.read_only) {
+        return refuse("read-only new data disks (data_disks with read_only and a size)");
     }
     if vm.spec.uefi {
         return refuse("UEFI firmware (its variable store is a disk of its own)");
@@ -346,8 +358,13 @@ fn default_name(vm: &str, existing: &[SnapshotRecord]) -> String {
 
 /// Hard-links the kernel, initramfs and a read-only root disk into the
 /// snapshot (same file system: nothing copied; a copy otherwise) and
-/// returns the boot with names relative to the folder.
-fn link_boot_files(boot: &SavedBoot, dir: &Path) -> Result<SavedBoot, ManagerError> {
+/// returns the boot with names relative to the folder, the `data_disks`
+/// data disks' frozen layers included.
+fn link_boot_files(
+    boot: &SavedBoot,
+    data_disks: usize,
+    dir: &Path,
+) -> Result<SavedBoot, ManagerError> {
     let link = |from: &Path, name: &str| -> Result<PathBuf, ManagerError> {
         let to = dir.join(name);
         link_or_copy(from, &to).map_err(|source| ManagerError::Io {
@@ -371,14 +388,61 @@ fn link_boot_files(boot: &SavedBoot, dir: &Path) -> Result<SavedBoot, ManagerErr
             }
         } else {
             // The frozen writable layer lands there during the snapshot.
-            SavedDisk {
-                path: PathBuf::from("disk.qcow2"),
-                format: crate::image::disk::DiskFormat::Qcow2,
-                read_only: false,
-            }
+            frozen_layer("disk.qcow2".into())
         });
     }
+    saved.data_disks = (0..data_disks)
+        .map(|index| frozen_layer(data_layer_name(index)))
+        .collect();
     Ok(saved)
+}
+
+fn frozen_layer(name: String) -> SavedDisk {
+    SavedDisk {
+        path: PathBuf::from(name),
+        format: crate::image::disk::DiskFormat::Qcow2,
+        read_only: false,
+    }
+}
+
+/// Data disk `index`'s frozen layer in a snapshot's folder.
+fn data_layer_name(index: usize) -> String {
+    format!("data-{index}.qcow2")
+}
+
+/// The writable layers a snapshot `id` of `vm` freezes (its root disk
+/// unless read-only, every data disk: Hangar made them all, as
+/// `snapshot_supported` checked), as `boot` names them in the snapshot.
+fn disk_freezes(vm: &crate::record::VmRecord, boot: &SavedBoot, id: &str) -> Vec<DiskFreeze> {
+    let root = boot
+        .root_disk
+        .as_ref()
+        .filter(|disk| !disk.read_only)
+        .map(|disk| DiskFreeze {
+            role: DiskRole::Root,
+            current: vm.root_layer_path(),
+            next: vm.work_dir.join(format!("root-{id}.qcow2")),
+            node: format!("layer-{id}"),
+            frozen: disk.path.to_string_lossy().into_owned(),
+        });
+    let data = boot
+        .data_disks
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| DiskFreeze {
+            role: DiskRole::Data(index),
+            current: vm.data_layer_path(index),
+            next: vm.work_dir.join(format!("data-{index}-{id}.qcow2")),
+            node: format!("data{index}-{id}"),
+            frozen: disk.path.to_string_lossy().into_owned(),
+        });
+    root.into_iter().chain(data).collect()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 pub(super) fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -40,6 +40,9 @@ pub struct Envelope {
     /// root disk): each layer's backing file is the next one.
     #[serde(default)]
     pub disk_chain: Vec<ChainLayer>,
+    /// Each data disk's chain, in the spec's order, top layer first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_chains: Vec<Vec<ChainLayer>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -73,25 +76,26 @@ pub fn export(
     dir: &Path,
     output: &Path,
 ) -> Result<ExportSummary, SnapshotError> {
+    let data_tops: Vec<String> = record
+        .boot
+        .data_disks
+        .iter()
+        .map(|disk| disk.path.to_string_lossy().into_owned())
+        .collect();
     let mut sources: Vec<(String, PathBuf)> = record
         .files
         .iter()
-        .filter(|f| f.name != "disk.qcow2")
+        .filter(|f| f.name != "disk.qcow2" && !data_tops.contains(&f.name))
         .map(|f| (f.name.clone(), dir.join(&f.name)))
         .collect();
     let mut chain = Vec::new();
     let writable = record.boot.root_disk.as_ref().is_some_and(|d| !d.read_only);
     if writable {
-        for (index, (path, format)) in disk_chain(&dir.join("disk.qcow2"))?.into_iter().enumerate()
-        {
-            let name = if index == 0 {
-                "disk.qcow2".to_owned()
-            } else {
-                format!("disk-{index}")
-            };
-            sources.push((name.clone(), path));
-            chain.push(ChainLayer { name, format });
-        }
+        chain = add_chain(&mut sources, dir, "disk.qcow2", "disk")?;
+    }
+    let mut data_chains = Vec::new();
+    for (index, top) in data_tops.iter().enumerate() {
+        data_chains.push(add_chain(&mut sources, dir, top, &format!("data-{index}"))?);
     }
     let mut members = Vec::new();
     for (name, path) in &sources {
@@ -107,6 +111,7 @@ pub fn export(
         snapshot: record.clone(),
         members: members.clone(),
         disk_chain: chain,
+        data_chains,
     };
     let parent = output
         .parent()
@@ -143,6 +148,27 @@ pub fn export(
         bytes: members.iter().map(|m| m.bytes).sum(),
         archive_bytes,
     })
+}
+
+/// The chain under `top` (a file of the snapshot) as members: `top`
+/// itself, then `PREFIX-1`, `PREFIX-2`, ... for the layers below it.
+fn add_chain(
+    sources: &mut Vec<(String, PathBuf)>,
+    dir: &Path,
+    top: &str,
+    prefix: &str,
+) -> Result<Vec<ChainLayer>, SnapshotError> {
+    let mut chain = Vec::new();
+    for (index, (path, format)) in disk_chain(&dir.join(top))?.into_iter().enumerate() {
+        let name = if index == 0 {
+            top.to_owned()
+        } else {
+            format!("{prefix}-{index}")
+        };
+        sources.push((name.clone(), path));
+        chain.push(ChainLayer { name, format });
+    }
+    Ok(chain)
 }
 
 fn append<W: Write>(
@@ -303,6 +329,9 @@ pub fn import(
     }
     check_disks(dir, &envelope)?;
     relink_chain(dir, &envelope.disk_chain)?;
+    for chain in &envelope.data_chains {
+        relink_chain(dir, chain)?;
+    }
     let mut record = envelope.snapshot;
     record.id = id.to_owned();
     if let Some(name) = name {
@@ -339,14 +368,13 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
         .ok_or_else(|| bad(format!("{RECORD_FILE} has no `snapshot`")))?;
     let record = parse_record(archive, &snapshot_text).map_err(|err| bad(err.to_string()))?;
     let spec = &record.spec;
-    if !spec.data_disks.is_empty()
-        || spec.vsock
-        || spec.uefi
-        || spec.ssh.is_some()
-        || !spec.shared_dirs.is_empty()
-    {
+    let host_disks = spec
+        .data_disks
+        .iter()
+        .any(|disk| disk.path.is_some() || disk.size.is_none() || disk.read_only);
+    if host_disks || spec.vsock || spec.uefi || spec.ssh.is_some() || !spec.shared_dirs.is_empty() {
         return Err(bad(
-            "the snapshot's VM has data disks, vsock, UEFI, SSH or shared dirs, which snapshots do not carry".into(),
+            "the snapshot's VM has host disk files, read-only data disks, vsock, UEFI, SSH or shared dirs, which snapshots do not carry".into(),
         ));
     }
     let envelope: Envelope =
@@ -363,9 +391,27 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
             return Err(bad(format!("member {} has no sha256", member.name)));
         }
     }
-    for layer in &envelope.disk_chain {
+    let data_disks = envelope.snapshot.spec.data_disks.len();
+    if envelope.data_chains.len() != data_disks
+        || envelope.snapshot.boot.data_disks.len() != data_disks
+    {
+        return Err(bad(format!(
+            "the VM has {data_disks} data disks, the envelope {} chains and the record {} frozen layers",
+            envelope.data_chains.len(),
+            envelope.snapshot.boot.data_disks.len()
+        )));
+    }
+    let mut chained = std::collections::BTreeSet::new();
+    let layers = envelope
+        .disk_chain
+        .iter()
+        .chain(envelope.data_chains.iter().flatten());
+    for layer in layers {
         if !seen.contains(&layer.name) {
             return Err(bad(format!("disk layer {} is not a member", layer.name)));
+        }
+        if !chained.insert(layer.name.clone()) {
+            return Err(bad(format!("disk layer {} is in two chains", layer.name)));
         }
     }
     Ok(envelope)
@@ -413,6 +459,36 @@ fn check_disks(dir: &Path, envelope: &Envelope) -> Result<(), SnapshotError> {
         }
         None => {}
     }
+    check_layers(dir, chain)?;
+    let saved = &envelope.snapshot.boot.data_disks;
+    for (disk, chain) in saved.iter().zip(&envelope.data_chains) {
+        let top = chain.first().ok_or_else(|| {
+            damaged(
+                &disk.path.to_string_lossy(),
+                "a data disk has no chain".into(),
+            )
+        })?;
+        if Some(top.name.as_str()) != disk.path.to_str()
+            || top.format != DiskFormat::Qcow2
+            || disk.format != DiskFormat::Qcow2
+        {
+            return Err(damaged(
+                &top.name,
+                "a data disk chain's top is not its frozen layer".into(),
+            ));
+        }
+        check_layers(dir, chain)?;
+    }
+    Ok(())
+}
+
+/// Every layer of a chain is what the envelope says: upper layers qcow2
+/// without an external data file, the bottom one of its stated format.
+fn check_layers(dir: &Path, chain: &[ChainLayer]) -> Result<(), SnapshotError> {
+    let damaged = |name: &str, detail: String| SnapshotError::Damaged {
+        path: dir.join(name),
+        detail,
+    };
     for (index, layer) in chain.iter().enumerate() {
         let path = dir.join(&layer.name);
         if index + 1 == chain.len() {
@@ -528,6 +604,7 @@ mod tests {
     use super::*;
     use crate::record::{Accel, BackendKind, SavedBoot};
     use crate::snapshot::{MemoryForm, Resources, SourceVm, SNAPSHOT_FORMAT};
+    use serde_json::json;
 
     fn record() -> SnapshotRecord {
         SnapshotRecord {
@@ -559,6 +636,7 @@ mod tests {
                 cmdline: String::new(),
                 root_disk: None,
                 firmware_boot: false,
+                data_disks: Vec::new(),
             },
             parent: None,
             image: Some("default".into()),
@@ -665,6 +743,46 @@ mod tests {
                 "is not in the envelope",
                 Box::new(|v| {
                     v["members"].as_array_mut().unwrap().remove(0);
+                }),
+            ),
+            (
+                "host disk files",
+                Box::new(|v| {
+                    v["snapshot"]["spec"]["data_disks"] = json!([{ "path": "/dev/sda" }]);
+                }),
+            ),
+            (
+                "1 data disks, the envelope 0 chains and the record 0 frozen layers",
+                Box::new(|v| {
+                    v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
+                }),
+            ),
+            (
+                "not a plain name",
+                Box::new(|v| {
+                    v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
+                    v["snapshot"]["boot"]["data_disks"] =
+                        json!([{ "path": "/etc/shadow", "format": "qcow2", "read_only": false }]);
+                    v["data_chains"] = json!([[{ "name": "state", "format": "qcow2" }]]);
+                }),
+            ),
+            (
+                "disk layer state is in two chains",
+                Box::new(|v| {
+                    v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
+                    v["snapshot"]["boot"]["data_disks"] =
+                        json!([{ "path": "state", "format": "qcow2", "read_only": false }]);
+                    let state = json!({ "name": "state", "format": "qcow2" });
+                    v["data_chains"] = json!([[state.clone(), state]]);
+                }),
+            ),
+            (
+                "a data disk chain's top is not its frozen layer",
+                Box::new(|v| {
+                    v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
+                    v["snapshot"]["boot"]["data_disks"] =
+                        json!([{ "path": "kernel", "format": "qcow2", "read_only": false }]);
+                    v["data_chains"] = json!([[{ "name": "state", "format": "raw" }]]);
                 }),
             ),
         ];

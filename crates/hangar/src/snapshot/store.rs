@@ -219,7 +219,8 @@ pub fn parse_record(path: &Path, text: &[u8]) -> Result<SnapshotRecord, Snapshot
         .kernel
         .iter()
         .chain(&boot.initramfs)
-        .chain(boot.root_disk.as_ref().map(|d| &d.path));
+        .chain(boot.root_disk.as_ref().map(|d| &d.path))
+        .chain(boot.data_disks.iter().map(|d| &d.path));
     for name in boot_names {
         if !name.to_str().is_some_and(is_plain_name) {
             return Err(SnapshotError::Damaged {

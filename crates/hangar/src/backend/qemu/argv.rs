@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::backend::machine::{MachineShape, MEMORY_SLOTS};
+use crate::backend::DiskRole;
 use crate::record::Accel;
 
 /// Everything QEMU needs for one VM.
@@ -95,6 +96,14 @@ pub fn dimm_options(index: usize, mib: u64) -> (String, String) {
 /// The ids of DIMM number `index`: its memory backend's and its device's.
 pub fn dimm_ids(index: usize) -> (String, String) {
     (format!("dimm{index}-ram"), format!("dimm{index}"))
+}
+
+/// A disk's drive id on the command line (QMP names drives by it).
+pub fn drive_id(role: DiskRole) -> String {
+    match role {
+        DiskRole::Root => "root".to_owned(),
+        DiskRole::Data(index) => format!("data{index}"),
+    }
 }
 
 /// Doubles commas so a path can sit inside a QEMU option string.
@@ -201,12 +210,14 @@ impl QemuArgs {
             } else {
                 "discard=unmap"
             };
+            let id = drive_id(DiskRole::Root);
             let drive = format!(
-                "file={},format={},if=none,id=root,{mode}",
+                "file={},format={},if=none,id={id},{mode}",
                 escape(&disk.path),
                 disk.format
             );
-            push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=root"]);
+            let device = format!("virtio-blk-pci,drive={id}");
+            push(&["-drive", &drive, "-device", &device]);
         }
         for (index, disk) in self.data_disks.iter().enumerate() {
             let mode = if disk.read_only {
@@ -214,12 +225,13 @@ impl QemuArgs {
             } else {
                 "discard=unmap"
             };
+            let id = drive_id(DiskRole::Data(index));
             let drive = format!(
-                "file={},format={},if=none,id=data{index},{mode}",
+                "file={},format={},if=none,id={id},{mode}",
                 escape(&disk.path),
                 disk.format
             );
-            let device = format!("virtio-blk-pci,drive=data{index}");
+            let device = format!("virtio-blk-pci,drive={id}");
             push(&["-drive", &drive, "-device", &device]);
         }
         // The seed last: it is there on the first boot only, and data disks

@@ -410,24 +410,28 @@ fn static_ipv4(vm: &VmRecord) -> Option<std::net::Ipv4Addr> {
 /// The VM's copy-on-write overlay of `base`, made on its first start and
 /// kept across restarts (like a container's writable layer).
 fn root_overlay(disk: &crate::backend::RootDisk, layer: &Path) -> Result<PathBuf, BackendError> {
-    let overlay = layer.to_path_buf();
-    if overlay.is_file() {
-        return Ok(overlay);
+    if !layer.is_file() {
+        let backing = (disk.base.as_path(), disk.format.as_str());
+        new_layer(layer, Some(backing), disk.size, "the root disk overlay")?;
     }
+    Ok(layer.to_path_buf())
+}
+
+/// Makes a qcow2 file at `path` (private to the user): on `backing` (its
+/// file and format) or empty, of `size` bytes (else the backing's size).
+fn new_layer(
+    path: &Path,
+    backing: Option<(&Path, &str)>,
+    size: Option<u64>,
+    what: &str,
+) -> Result<(), BackendError> {
     let mut command = Command::new("qemu-img");
-    command
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            disk.format.as_str(),
-            "-b",
-        ])
-        .arg(&disk.base)
-        .arg(&overlay);
-    if let Some(size) = disk.size {
+    command.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((file, format)) = backing {
+        command.args(["-F", format, "-b"]).arg(file);
+    }
+    command.arg(path);
+    if let Some(size) = size {
         command.arg(size.to_string());
     }
     let output = command.output().map_err(|err| BackendError::Launch {
@@ -435,14 +439,14 @@ fn root_overlay(disk: &crate::backend::RootDisk, layer: &Path) -> Result<PathBuf
         detail: err.to_string(),
     })?;
     if !output.status.success() {
-        let _ = std::fs::remove_file(&overlay);
+        let _ = std::fs::remove_file(path);
         return Err(BackendError::Launch {
-            what: "creating the root disk overlay".into(),
+            what: format!("creating {what}"),
             detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
-    let _ = std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600));
-    Ok(overlay)
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(())
 }
 
 /// Debian's OVMF (package `ovmf`): the firmware, and the template of the
@@ -475,8 +479,9 @@ fn uefi_firmware(work_dir: &Path) -> Result<(PathBuf, PathBuf), BackendError> {
 }
 
 /// The VM's data disks: new ones made once in its work dir (qcow2 of the
-/// asked size), host files attached as they are (format detected; a
-/// qcow2 naming a backing file is refused).
+/// asked size, or on the snapshot's frozen layer for a restored VM), host
+/// files attached as they are (format detected; a qcow2 naming a backing
+/// file is refused).
 fn data_disks(vm: &VmRecord) -> Result<Vec<argv::Disk>, BackendError> {
     let mut disks = Vec::new();
     for (index, spec) in vm.spec.data_disks.iter().enumerate() {
@@ -494,24 +499,14 @@ fn data_disks(vm: &VmRecord) -> Result<Vec<argv::Disk>, BackendError> {
                 }
             }
             (None, Some(size)) => {
-                let path = vm.work_dir.join(format!("data-{index}.qcow2"));
+                let path = vm.data_layer_path(index);
                 if !path.is_file() {
-                    let output = Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2"])
-                        .arg(&path)
-                        .arg(size.0.to_string())
-                        .output()
-                        .map_err(|err| BackendError::Launch {
-                            what: "qemu-img (install qemu-utils)".into(),
-                            detail: err.to_string(),
-                        })?;
-                    if !output.status.success() {
-                        return Err(BackendError::Launch {
-                            what: format!("creating data disk {index}"),
-                            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                        });
-                    }
-                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+                    // A restored VM's disk sits on the snapshot's frozen
+                    // layer; a new one starts empty.
+                    let frozen = vm.boot.as_ref().and_then(|b| b.data_disks.get(index));
+                    let backing = frozen.map(|disk| (disk.path.as_path(), disk.format.as_str()));
+                    let size = frozen.is_none().then_some(size.0);
+                    new_layer(&path, backing, size, &format!("data disk {index}"))?;
                 }
                 argv::Disk {
                     path,

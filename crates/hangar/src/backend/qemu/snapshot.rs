@@ -1,9 +1,10 @@
 //! Snapshots on QEMU (Debian's 7.2 and later).
 //!
 //! A VM's RAM is a file in its work dir, mapped shared (`memory-backend-
-//! file,share=on`). A snapshot pauses the guest, freezes the root disk's
-//! writable layer (`blockdev-snapshot-sync`: the guest goes on in a new
-//! empty layer, the old one is never written again), writes the device
+//! file,share=on`). A snapshot pauses the guest, freezes the writable
+//! layers of the root disk and Hangar's data disks in one `transaction` of
+//! `blockdev-snapshot-sync`s (the guest goes on in new empty layers, the
+//! old ones are never written again), writes the device
 //! state with the `x-ignore-shared` migration capability (RAM left out: it
 //! is the file), copies the RAM file (sparse) and lets the guest run on.
 //! A VM restored from it maps that RAM file privately (`share=off`), so
@@ -21,18 +22,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::argv::drive_id;
 use super::qmp::{QmpClient, QmpCommand};
 use super::QemuBackend;
 use crate::backend::machine::Growth;
 use crate::backend::quiet::SETTLE_LIMIT;
-use crate::backend::{BackendError, SavedState, SnapshotTaken, SnapshotTarget, Snapshotting};
+use crate::backend::{
+    BackendError, DiskRole, SavedState, SnapshotTaken, SnapshotTarget, Snapshotting,
+};
 use crate::record::VmRecord;
 
 /// How long saving or loading the device state (and RAM, when it is in the
 /// stream) may take.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
-/// The root disk's drive id on QEMU's command line.
-const ROOT_DRIVE: &str = "root";
 /// The fd name migration uses.
 const MIGRATION_FD: &str = "hangar-migration";
 
@@ -135,12 +137,18 @@ impl Snapshotting for QemuBackend {
         })
     }
 
-    fn relink_layer(&self, vm: &VmRecord, node: &str, backing: &Path) -> Result<(), BackendError> {
+    fn relink_layer(
+        &self,
+        vm: &VmRecord,
+        role: DiskRole,
+        node: &str,
+        backing: &Path,
+    ) -> Result<(), BackendError> {
         self.qmp(vm)?
             .call_with(
                 "change-backing-file",
                 json!({
-                    "device": ROOT_DRIVE,
+                    "device": drive_id(role),
                     "image-node-name": node,
                     "backing-file": backing.to_string_lossy(),
                 }),
@@ -263,19 +271,28 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
         let path = path.to_path_buf();
         move |source| BackendError::Io { path, source }
     };
-    if let Some(freeze) = &target.disk {
-        let frozen = target.dir.join("disk.qcow2");
-        let node = freeze.node.as_str();
-        qmp.call_with(
-            "blockdev-snapshot-sync",
-            json!({
-                "device": ROOT_DRIVE,
-                "snapshot-file": freeze.next.to_string_lossy(),
-                "snapshot-node-name": node,
-                "format": "qcow2",
-                "mode": "absolute-paths",
-            }),
-        )?;
+    if !target.disks.is_empty() {
+        // One transaction: every disk is frozen at the same instant, or
+        // none is.
+        let actions: Vec<Value> = target
+            .disks
+            .iter()
+            .map(|freeze| {
+                json!({
+                    "type": "blockdev-snapshot-sync",
+                    "data": {
+                        "device": drive_id(freeze.role),
+                        "snapshot-file": freeze.next.to_string_lossy(),
+                        "snapshot-node-name": freeze.node,
+                        "format": "qcow2",
+                        "mode": "absolute-paths",
+                    },
+                })
+            })
+            .collect();
+        qmp.call_with("transaction", json!({ "actions": actions }))?;
+    }
+    for freeze in &target.disks {
         // QEMU made it under its umask; it holds the guest's writes.
         let _ = std::fs::set_permissions(
             &freeze.next,
@@ -285,6 +302,7 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
         // same file: nothing is copied). The new layer's header still names
         // the work-dir name; `relink_layer` moves it once the snapshot is
         // recorded, so a failure before that leaves a whole chain.
+        let frozen = target.dir.join(&freeze.frozen);
         std::fs::hard_link(&freeze.current, &frozen).map_err(io(&frozen))?;
     }
     let own_ram = ram_path(&vm.work_dir);
