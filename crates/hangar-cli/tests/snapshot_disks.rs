@@ -1,30 +1,49 @@
 //! Snapshots of VMs with data disks, on real VMs: the disks Hangar made
-//! (`--data-disk`) are frozen with the root in the same instant, a
+//! (`--data-disk`) are frozen with the root disk in the same instant, a
 //! restore and each fork write on layers of their own above the frozen
-//! one, a snapshot of a restored VM chains onto it and travels in an
+//! ones, a snapshot of a restored VM chains onto it and travels in an
 //! archive; a host file attached as it is (`--attach-disk`) is refused.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic loudly
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use common::images::add_ext4_bundle;
 use common::*;
 
-/// The first 512-byte sector of the VM's only disk, `/dev/vda`, up to its
-/// first NUL.
-fn first_sector(state: &Path, vm: &str) -> String {
-    sh(state, vm, "head -c 512 /dev/vda | tr -d '\\000'")
+/// The data disk (the root disk is vda) and a file on the root disk.
+const DATA_DISK: &str = "/dev/vdb";
+const ROOT_FILE: &str = "/root/mark";
+
+/// The data disk's first 512-byte sector up to its first NUL, and the
+/// root disk's file.
+fn marks(state: &Path, vm: &str) -> (String, String) {
+    let out = sh(
+        state,
+        vm,
+        &format!("head -c 512 {DATA_DISK} | tr -d '\\000'; cat {ROOT_FILE}"),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    (lines[0].to_owned(), lines[1].to_owned())
 }
 
-/// Writes `text` (a word) as the disk's first sector, flushed.
-fn write_sector(state: &Path, vm: &str, text: &str) {
+/// Writes `text` (a word) as the data disk's first sector and into the
+/// root disk's file, both flushed.
+fn mark(state: &Path, vm: &str, text: &str) {
     sh(
         state,
         vm,
-        &format!("echo {text} | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null"),
+        &format!(
+            "echo {text} | dd of={DATA_DISK} bs=512 count=1 conv=sync,fsync 2>/dev/null && echo {text} > {ROOT_FILE} && sync"
+        ),
     );
+}
+
+fn same(text: &str) -> (String, String) {
+    (text.to_owned(), text.to_owned())
 }
 
 fn snapshot_names(state: &Path) -> Vec<String> {
@@ -38,44 +57,56 @@ fn snapshot_names(state: &Path) -> Vec<String> {
 #[test]
 fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let state = shared_state();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("snap-disks"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = add_ext4_bundle(state, &dir, &unique("snapdisks"));
     let vm = unique("disks-src");
     ok(&hangar(
         state,
-        &["create", "--name", &vm, "--data-disk", "64M"],
+        &[
+            "create",
+            "--name",
+            &vm,
+            "--image",
+            &image,
+            "--data-disk",
+            "64M",
+        ],
     ));
     let _vm = VmGuard::new(state, &vm);
     ok(&hangar(state, &["start", &vm]));
-    write_sector(state, &vm, "saved");
+    mark(state, &vm, "saved");
     let snap = unique("disks");
     let _snap = take_snapshot(state, &vm, &snap);
-    // The source writes on in a new layer; the snapshot keeps "saved".
-    write_sector(state, &vm, "source-after");
+    // The source writes on in new layers; the snapshot keeps "saved".
+    mark(state, &vm, "source-after");
     let record = ok(&hangar(state, &["snapshot", "inspect", &snap]));
     let record: serde_json::Value = serde_json::from_str(&record).unwrap();
     assert_eq!(record["boot"]["data_disks"][0]["path"], "data-0.qcow2");
     let source = inspect(state, &vm);
     let layer = source["data_layers"]["0"].as_str().unwrap();
     assert!(layer.starts_with("data-0-"), "{source}");
+    assert!(source["root_layer"].as_str().unwrap().starts_with("root-"));
 
     let restored = unique("disks-restored");
     ok(&hangar(state, &["restore", &snap, "--name", &restored]));
     let _restored = VmGuard::new(state, &restored);
-    assert_eq!(first_sector(state, &restored).trim(), "saved");
-    write_sector(state, &restored, "restored-own");
+    assert_eq!(marks(state, &restored), same("saved"));
+    mark(state, &restored, "restored-own");
 
     ok(&hangar(state, &["fork", &snap, "--count", "2"]));
     let forks = [format!("{snap}-fork-1"), format!("{snap}-fork-2")];
     let _forks: Vec<_> = forks.iter().map(|f| VmGuard::new(state, f)).collect();
     for fork in &forks {
-        assert_eq!(first_sector(state, fork).trim(), "saved", "{fork}");
-        write_sector(state, fork, fork);
+        assert_eq!(marks(state, fork), same("saved"), "{fork}");
+        mark(state, fork, fork);
     }
     // Nobody sees another's writes.
     for fork in &forks {
-        assert_eq!(first_sector(state, fork).trim(), fork.as_str());
+        assert_eq!(marks(state, fork), same(fork));
     }
-    assert_eq!(first_sector(state, &restored).trim(), "restored-own");
-    assert_eq!(first_sector(state, &vm).trim(), "source-after");
+    assert_eq!(marks(state, &restored), same("restored-own"));
+    assert_eq!(marks(state, &vm), same("source-after"));
 
     // A snapshot of the restored VM chains onto the first; the chain
     // travels in an archive and comes back as a snapshot of its own.
@@ -83,7 +114,7 @@ fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let _second = take_snapshot(state, &restored, &second);
     let out = hangar(state, &["snapshot", "rm", &snap]);
     assert!(!out.status.success(), "the second snapshot builds on it");
-    let archive = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{second}.tar.zst"));
+    let archive = dir.join(format!("{second}.tar.zst"));
     let archive_arg = archive.to_str().unwrap();
     ok(&hangar(
         state,
@@ -102,12 +133,13 @@ fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let back = unique("disks-back");
     ok(&hangar(state, &["restore", &imported, "--name", &back]));
     let _back = VmGuard::new(state, &back);
-    assert_eq!(first_sector(state, &back).trim(), "restored-own");
-    // A cold start goes on from the VM's own layer.
-    write_sector(state, &back, "before-restart");
+    assert_eq!(marks(state, &back), same("restored-own"));
+    // A cold start goes on from the VM's own layers.
+    mark(state, &back, "before-restart");
     ok(&hangar(state, &["stop", &back]));
     ok(&hangar(state, &["start", &back]));
-    assert_eq!(first_sector(state, &back).trim(), "before-restart");
+    assert_eq!(marks(state, &back), same("before-restart"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
