@@ -388,11 +388,11 @@ fn link_boot_files(
             }
         } else {
             // The frozen writable layer lands there during the snapshot.
-            frozen_layer("disk.qcow2".into())
+            frozen_layer(crate::snapshot::ROOT_LAYER.into())
         });
     }
     saved.data_disks = (0..data_disks)
-        .map(|index| frozen_layer(data_layer_name(index)))
+        .map(|index| frozen_layer(crate::snapshot::data_layer_name(index)))
         .collect();
     Ok(saved)
 }
@@ -403,11 +403,6 @@ fn frozen_layer(name: String) -> SavedDisk {
         format: crate::image::disk::DiskFormat::Qcow2,
         read_only: false,
     }
-}
-
-/// Data disk `index`'s frozen layer in a snapshot's folder.
-fn data_layer_name(index: usize) -> String {
-    format!("data-{index}.qcow2")
 }
 
 /// The writable layers a snapshot `id` of `vm` freezes (its root disk
@@ -481,8 +476,8 @@ fn sync_and_list(dir: &Path) -> Result<Vec<SnapshotFile>, ManagerError> {
 }
 
 fn resources(vm: &crate::record::VmRecord, dir: &Path) -> Resources {
-    let disk_bytes =
-        virtual_size(&dir.join("disk.qcow2")).or_else(|| virtual_size(&dir.join("base")));
+    let disk_bytes = virtual_size(&dir.join(crate::snapshot::ROOT_LAYER))
+        .or_else(|| virtual_size(&dir.join("base")));
     Resources {
         cpus: vm.spec.cpus,
         memory: vm.spec.memory,

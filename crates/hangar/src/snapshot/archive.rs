@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::store::{is_plain_name, parse_record, SnapshotStore, RECORD_FILE};
-use super::{SnapshotError, SnapshotFile, SnapshotRecord};
+use super::{data_layer_name, SnapshotError, SnapshotFile, SnapshotRecord, ROOT_LAYER};
 use crate::image::disk::DiskFormat;
 
 /// Version of the archive layout written today; newer ones are refused.
@@ -76,27 +76,32 @@ pub fn export(
     dir: &Path,
     output: &Path,
 ) -> Result<ExportSummary, SnapshotError> {
-    let data_tops: Vec<String> = record
-        .boot
-        .data_disks
-        .iter()
-        .map(|disk| disk.path.to_string_lossy().into_owned())
-        .collect();
+    // The chains first: their members take the names they get here (an
+    // imported snapshot lists `disk-1`... among its own files).
+    let mut chain_sources = Vec::new();
+    let writable = record.boot.root_disk.as_ref().is_some_and(|d| !d.read_only);
+    let chain = if writable {
+        add_chain(&mut chain_sources, dir, ROOT_LAYER, "disk")?
+    } else {
+        Vec::new()
+    };
+    let mut data_chains = Vec::new();
+    for index in 0..record.boot.data_disks.len() {
+        let top = data_layer_name(index);
+        data_chains.push(add_chain(
+            &mut chain_sources,
+            dir,
+            &top,
+            &format!("data-{index}"),
+        )?);
+    }
     let mut sources: Vec<(String, PathBuf)> = record
         .files
         .iter()
-        .filter(|f| f.name != "disk.qcow2" && !data_tops.contains(&f.name))
+        .filter(|f| !chain_sources.iter().any(|(name, _)| *name == f.name))
         .map(|f| (f.name.clone(), dir.join(&f.name)))
         .collect();
-    let mut chain = Vec::new();
-    let writable = record.boot.root_disk.as_ref().is_some_and(|d| !d.read_only);
-    if writable {
-        chain = add_chain(&mut sources, dir, "disk.qcow2", "disk")?;
-    }
-    let mut data_chains = Vec::new();
-    for (index, top) in data_tops.iter().enumerate() {
-        data_chains.push(add_chain(&mut sources, dir, top, &format!("data-{index}"))?);
-    }
+    sources.extend(chain_sources);
     let mut members = Vec::new();
     for (name, path) in &sources {
         let (bytes, sha256) = hash_file(path)?;
@@ -160,15 +165,41 @@ fn add_chain(
 ) -> Result<Vec<ChainLayer>, SnapshotError> {
     let mut chain = Vec::new();
     for (index, (path, format)) in disk_chain(&dir.join(top))?.into_iter().enumerate() {
-        let name = if index == 0 {
-            top.to_owned()
-        } else {
-            format!("{prefix}-{index}")
-        };
+        let name = layer_name(top, prefix, index);
         sources.push((name.clone(), path));
         chain.push(ChainLayer { name, format });
     }
     Ok(chain)
+}
+
+/// Layer `index` of a chain whose top is `top`: the top itself, then
+/// `PREFIX-1`, `PREFIX-2`, ...
+fn layer_name(top: &str, prefix: &str, index: usize) -> String {
+    if index == 0 {
+        top.to_owned()
+    } else {
+        format!("{prefix}-{index}")
+    }
+}
+
+/// Refuses a chain whose layers are not named as `export` names them (no
+/// other file of the snapshot can be made a layer).
+fn check_names(
+    chain: &[ChainLayer],
+    top: &str,
+    prefix: &str,
+    bad: &dyn Fn(String) -> SnapshotError,
+) -> Result<(), SnapshotError> {
+    for (index, layer) in chain.iter().enumerate() {
+        let want = layer_name(top, prefix, index);
+        if layer.name != want {
+            return Err(bad(format!(
+                "disk layer {} should be named {want}",
+                layer.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn append<W: Write>(
@@ -401,7 +432,26 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
             envelope.snapshot.boot.data_disks.len()
         )));
     }
-    let mut chained = std::collections::BTreeSet::new();
+    check_names(&envelope.disk_chain, ROOT_LAYER, "disk", &bad)?;
+    for (index, chain) in envelope.data_chains.iter().enumerate() {
+        check_names(
+            chain,
+            &data_layer_name(index),
+            &format!("data-{index}"),
+            &bad,
+        )?;
+    }
+    let boot = &envelope.snapshot.boot;
+    let writable_root = boot.root_disk.as_ref().filter(|disk| !disk.read_only);
+    if writable_root.is_some_and(|disk| disk.path != Path::new(ROOT_LAYER)) {
+        return Err(bad(format!("the writable root disk is not {ROOT_LAYER}")));
+    }
+    for (index, disk) in boot.data_disks.iter().enumerate() {
+        let want = data_layer_name(index);
+        if disk.path != Path::new(&want) {
+            return Err(bad(format!("data disk {index} is not {want}")));
+        }
+    }
     let layers = envelope
         .disk_chain
         .iter()
@@ -409,9 +459,6 @@ fn parse_envelope(archive: &Path, text: &[u8]) -> Result<Envelope, SnapshotError
     for layer in layers {
         if !seen.contains(&layer.name) {
             return Err(bad(format!("disk layer {} is not a member", layer.name)));
-        }
-        if !chained.insert(layer.name.clone()) {
-            return Err(bad(format!("disk layer {} is in two chains", layer.name)));
         }
     }
     Ok(envelope)
@@ -432,7 +479,7 @@ fn check_disks(dir: &Path, envelope: &Envelope) -> Result<(), SnapshotError> {
         Some(disk) if !disk.read_only => {
             let top = chain
                 .first()
-                .ok_or_else(|| damaged("disk.qcow2", "the root disk has no chain".into()))?;
+                .ok_or_else(|| damaged(ROOT_LAYER, "the root disk has no chain".into()))?;
             if Some(top.name.as_str()) != disk.path.to_str() || top.format != DiskFormat::Qcow2 {
                 return Err(damaged(
                     &top.name,
@@ -453,7 +500,7 @@ fn check_disks(dir: &Path, envelope: &Envelope) -> Result<(), SnapshotError> {
         }
         None if !chain.is_empty() => {
             return Err(damaged(
-                "disk.qcow2",
+                ROOT_LAYER,
                 "a disk chain without a root disk".into(),
             ));
         }
@@ -685,6 +732,79 @@ mod tests {
         assert_eq!(std::fs::read(target.join("state")).unwrap(), b"state");
     }
 
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn a_data_disk_chain_travels_and_an_imported_snapshot_exports_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("kernel"), b"kernel").unwrap();
+        std::fs::write(source.join("state"), b"state").unwrap();
+        // The data disk's frozen layer sits on an earlier snapshot's.
+        let earlier = dir.path().join("earlier.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            earlier.to_str().unwrap(),
+            "1M",
+        ]);
+        let top = source.join("data-0.qcow2");
+        let backing = earlier.to_str().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            backing,
+            top.to_str().unwrap(),
+        ]);
+        let mut record = record();
+        record.spec.data_disks = vec![crate::spec::DataDisk {
+            size: Some(crate::size::ByteSize(1 << 20)),
+            path: None,
+            read_only: false,
+        }];
+        record.boot.data_disks = vec![crate::record::SavedDisk {
+            path: "data-0.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        }];
+        record.files.push(SnapshotFile {
+            name: "data-0.qcow2".into(),
+            bytes: 0,
+            sha256: None,
+        });
+        let mut from = source;
+        for round in 0..2 {
+            let archive = dir.path().join(format!("round-{round}.tar.zst"));
+            let summary = export(&record, &from, &archive).unwrap();
+            assert_eq!(summary.members, 4, "kernel, state and two layers");
+            let target = dir.path().join(format!("target-{round}"));
+            std::fs::create_dir_all(&target).unwrap();
+            record = import(&archive, &target, "0a00000000ff", None).unwrap();
+            let chain = disk_chain(&target.join("data-0.qcow2")).unwrap();
+            let inside: Vec<PathBuf> = chain.into_iter().map(|(path, _)| path).collect();
+            assert_eq!(
+                inside,
+                [target.join("data-0.qcow2"), target.join("data-0-1")]
+            );
+            from = target;
+        }
+    }
+
     /// Rewrites the archive's envelope with `edit` (members unchanged).
     fn with_envelope(archive: &Path, edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
         let plain = zstd::decode_all(std::fs::File::open(archive).unwrap()).unwrap();
@@ -767,7 +887,7 @@ mod tests {
                 }),
             ),
             (
-                "disk layer state is in two chains",
+                "disk layer state should be named data-0.qcow2",
                 Box::new(|v| {
                     v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
                     v["snapshot"]["boot"]["data_disks"] =
@@ -777,12 +897,19 @@ mod tests {
                 }),
             ),
             (
-                "a data disk chain's top is not its frozen layer",
+                "data disk 0 is not data-0.qcow2",
                 Box::new(|v| {
                     v["snapshot"]["spec"]["data_disks"] = json!([{ "size": 1 << 20 }]);
                     v["snapshot"]["boot"]["data_disks"] =
                         json!([{ "path": "kernel", "format": "qcow2", "read_only": false }]);
-                    v["data_chains"] = json!([[{ "name": "state", "format": "raw" }]]);
+                    v["data_chains"] = json!([[{ "name": "data-0.qcow2", "format": "qcow2" }]]);
+                }),
+            ),
+            (
+                "the writable root disk is not disk.qcow2",
+                Box::new(|v| {
+                    v["snapshot"]["boot"]["root_disk"] =
+                        json!({ "path": "state", "format": "qcow2", "read_only": false });
                 }),
             ),
         ];

@@ -11,6 +11,8 @@
 //! ram          guest RAM (when `memory` is `file`), sparse
 //! disk.qcow2   the frozen writable layer of the root disk; its backing
 //!              file is the image, or the disk of the snapshot before it
+//! data-N.qcow2 the frozen writable layer of data disk N (one Hangar
+//!              made); no backing file, or the snapshot before it's
 //! base         a read-only root disk (the image's file, hard-linked)
 //! kernel, initramfs   what the guest was booted with (hard links)
 //! ```
@@ -26,6 +28,14 @@ use serde::{Deserialize, Serialize};
 use crate::record::{Accel, BackendKind, SavedBoot};
 use crate::size::ByteSize;
 use crate::spec::VmSpec;
+
+/// The root disk's frozen layer in a snapshot's folder.
+pub const ROOT_LAYER: &str = "disk.qcow2";
+
+/// Data disk `index`'s frozen layer in a snapshot's folder.
+pub fn data_layer_name(index: usize) -> String {
+    format!("data-{index}.qcow2")
+}
 
 /// Version of `snapshot.json` written today; a newer one is refused.
 pub const SNAPSHOT_FORMAT: u32 = 1;

@@ -240,7 +240,7 @@ impl Backend for QemuBackend {
                     read_only: true,
                 }),
                 Some(disk) => Some(argv::Disk {
-                    path: root_overlay(disk, &vm.root_layer_path())?,
+                    path: root_overlay(disk, &vm.root_layer_path(), vm.root_layer.is_some())?,
                     format: "qcow2",
                     read_only: false,
                 }),
@@ -409,12 +409,31 @@ fn static_ipv4(vm: &VmRecord) -> Option<std::net::Ipv4Addr> {
 
 /// The VM's copy-on-write overlay of `base`, made on its first start and
 /// kept across restarts (like a container's writable layer).
-fn root_overlay(disk: &crate::backend::RootDisk, layer: &Path) -> Result<PathBuf, BackendError> {
+fn root_overlay(
+    disk: &crate::backend::RootDisk,
+    layer: &Path,
+    recorded: bool,
+) -> Result<PathBuf, BackendError> {
     if !layer.is_file() {
+        if recorded {
+            return Err(missing_layer("the root disk", layer));
+        }
         let backing = (disk.base.as_path(), disk.format.as_str());
         new_layer(layer, Some(backing), disk.size, "the root disk overlay")?;
     }
     Ok(layer.to_path_buf())
+}
+
+/// A layer the record names (a snapshot made it) is gone: making a new
+/// one would silently give the guest an older disk.
+fn missing_layer(disk: &str, layer: &Path) -> BackendError {
+    BackendError::Launch {
+        what: format!("{disk}'s writable layer"),
+        detail: format!(
+            "{} is missing (removed behind hangar's back); the VM's later writes are lost, so hangar does not start it on an older disk: remove the VM (`hangar rm`) and restore it from a snapshot",
+            layer.display()
+        ),
+    }
 }
 
 /// Makes a qcow2 file at `path` (private to the user): on `backing` (its
@@ -501,6 +520,9 @@ fn data_disks(vm: &VmRecord) -> Result<Vec<argv::Disk>, BackendError> {
             (None, Some(size)) => {
                 let path = vm.data_layer_path(index);
                 if !path.is_file() {
+                    if vm.data_layers.contains_key(&index) {
+                        return Err(missing_layer(&format!("data disk {index}"), &path));
+                    }
                     // A restored VM's disk sits on the snapshot's frozen
                     // layer; a new one starts empty.
                     let frozen = vm.boot.as_ref().and_then(|b| b.data_disks.get(index));

@@ -103,11 +103,23 @@ impl QmpClient {
 
     /// Runs a command with arguments.
     pub fn call_with(&mut self, name: &str, arguments: Value) -> Result<Value, BackendError> {
+        self.try_call_with(name, arguments)?
+            .map_err(|error| self.error(format!("{name}: {error}")))
+    }
+
+    /// Runs a command with arguments; the inner error is QEMU's own answer
+    /// (the command was refused: QEMU changed nothing), the outer one a
+    /// broken channel (whether it ran is unknown).
+    pub fn try_call_with(
+        &mut self,
+        name: &str,
+        arguments: Value,
+    ) -> Result<Result<Value, Value>, BackendError> {
         let request = json!({ "execute": name, "arguments": arguments }).to_string() + "\n";
         self.writer
             .write_all(request.as_bytes())
             .map_err(|e| self.error(format!("send {name}: {e}")))?;
-        self.answer(name)
+        self.reply()
     }
 
     /// Hands QEMU an open file under `name` (`getfd` with the descriptor
@@ -139,16 +151,22 @@ impl QmpClient {
     }
 
     fn answer(&mut self, name: &str) -> Result<Value, BackendError> {
+        self.reply()?
+            .map_err(|error| self.error(format!("{name}: {error}")))
+    }
+
+    /// The next reply, events skipped: its value or QEMU's error.
+    fn reply(&mut self) -> Result<Result<Value, Value>, BackendError> {
         loop {
             let message = self.read_message()?;
             if message.get("event").is_some() {
                 continue;
             }
             if let Some(value) = message.get("return") {
-                return Ok(value.clone());
+                return Ok(Ok(value.clone()));
             }
             if let Some(error) = message.get("error") {
-                return Err(self.error(format!("{name}: {error}")));
+                return Ok(Err(error.clone()));
             }
         }
     }

@@ -35,6 +35,8 @@ use crate::record::VmRecord;
 /// How long saving or loading the device state (and RAM, when it is in the
 /// stream) may take.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a VMM told to quit after its snapshot may take to exit.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fd name migration uses.
 const MIGRATION_FD: &str = "hangar-migration";
 
@@ -119,7 +121,13 @@ impl Snapshotting for QemuBackend {
         let saved = save(&mut qmp, vm, target);
         let paused = paused_at.elapsed();
         let resumed = if target.stop_after && saved.is_ok() {
-            qmp.execute(QmpCommand::Quit).map(drop)
+            let quit = qmp.execute(QmpCommand::Quit).map(drop);
+            // The caller rewrites the new layers' headers next: QEMU must
+            // have let go of them.
+            if let (Ok(()), Some(pid)) = (&quit, vm.pid) {
+                crate::backend::process::wait_gone(pid, vm.pid_start_time, QUIT_TIMEOUT);
+            }
+            quit
         } else if was_running {
             // Runs on after a failure too: a failed snapshot must not cost
             // the user their VM.
@@ -290,7 +298,18 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
                 })
             })
             .collect();
-        qmp.call_with("transaction", json!({ "actions": actions }))?;
+        if let Err(error) = qmp.try_call_with("transaction", json!({ "actions": actions }))? {
+            // QEMU undid every action, but keeps the files it had made for
+            // the ones before the failing one: the VM never used them, and
+            // the caller takes an existing new layer for a frozen disk.
+            for freeze in &target.disks {
+                let _ = std::fs::remove_file(&freeze.next);
+            }
+            return Err(BackendError::Launch {
+                what: "freezing the disks".into(),
+                detail: format!("QEMU refused (nothing was frozen): {error}"),
+            });
+        }
     }
     for freeze in &target.disks {
         // QEMU made it under its umask; it holds the guest's writes.
