@@ -42,6 +42,8 @@ use hangar_proto::{port_name, AGENT_PORTS, AGENT_VSOCK_PORT};
 const PORT_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() {
+    // Before any thread: they all inherit the mask.
+    port::block_host_signal();
     let is_init = std::process::id() == 1;
     let options = if is_init {
         let cmdline = init::setup().unwrap_or_else(|err| {

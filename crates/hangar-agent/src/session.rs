@@ -58,8 +58,9 @@ pub struct Running {
     pub tty: Option<Arc<File>>,
 }
 
-/// How long to sleep while no host is connected.
-const HOST_ABSENT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest wait for a host between reads of an idle port (SIGIO
+/// normally ends it at once; this bounds a missed one).
+const HOST_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The token vsock sessions must present (set once at boot when the agent
 /// listens on vsock; serial sessions hand it to the host in their hello).
@@ -69,11 +70,11 @@ pub static VSOCK_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new()
 pub type Table = Arc<Mutex<BTreeMap<u32, Running>>>;
 
 /// What the end of input means on a channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum OnEnd {
     /// A virtio-serial port: no host is connected right now; the next one
     /// will come through the same device.
-    WaitForHost,
+    WaitForHost(crate::port::HostWait),
     /// A vsock connection: the host hung up; the session is over.
     Finish,
 }
@@ -81,14 +82,15 @@ pub enum OnEnd {
 /// Serves one virtio-serial port for as long as the guest runs.
 pub fn serve(port: AgentPort, reaper: Reaper, is_init: bool) -> io::Result<()> {
     let writer = port.try_clone_file()?;
-    serve_channel(port, writer, OnEnd::WaitForHost, reaper, is_init)
+    let host_wait = port.host_wait()?;
+    serve_channel(port, writer, OnEnd::WaitForHost(host_wait), reaper, is_init)
 }
 
 /// Serves one channel: frames in through `input`, out through `output`.
 pub fn serve_channel(
     input: impl io::Read,
     output: File,
-    on_end: OnEnd,
+    mut on_end: OnEnd,
     reaper: Reaper,
     is_init: bool,
 ) -> io::Result<()> {
@@ -98,7 +100,7 @@ pub fn serve_channel(
     let table: Table = Arc::default();
     // A serial port is private to the VM's owner on the host; a vsock
     // connection proves itself with the token first.
-    let private = on_end == OnEnd::WaitForHost;
+    let private = matches!(on_end, OnEnd::WaitForHost(_));
     let mut authenticated = private;
     // No hello of our own: the host opens every session with its hello
     // (with a nonce it waits for), which stays queued in the port until
@@ -111,13 +113,13 @@ pub fn serve_channel(
             Err(err) if host_gone(&err) => {
                 // The host is gone: its commands' stdin ends with it.
                 close_all_stdin(&table);
-                if on_end == OnEnd::Finish {
+                let OnEnd::WaitForHost(host_wait) = &mut on_end else {
                     return Ok(());
-                }
+                };
                 // Maybe mid-frame: forget the partial frame and wait for
                 // the next host.
                 reader.reset();
-                std::thread::sleep(HOST_ABSENT_POLL);
+                host_wait.wait(HOST_WAIT_MAX);
                 continue;
             }
             Err(FrameError::Io(err)) => {
