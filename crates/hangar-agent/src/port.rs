@@ -59,9 +59,15 @@ impl HostWait {
     /// Returns once the host may have connected (SIGIO from this port, a
     /// stale one included: the caller just reads again) or after `max`.
     pub fn wait(&mut self, max: Duration) {
-        if self.arm().is_err() {
-            std::thread::sleep(FALLBACK_POLL);
-            return;
+        match self.arm() {
+            // Armed just now: a host that connected between the caller's
+            // read and the arming raised no signal, so read again first.
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => {
+                std::thread::sleep(FALLBACK_POLL);
+                return;
+            }
         }
         let set = sigio_set();
         let timeout = libc::timespec {
@@ -73,12 +79,18 @@ impl HostWait {
         unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
     }
 
-    /// Directs the port's SIGIO at this thread and turns O_ASYNC on.
-    fn arm(&mut self) -> io::Result<()> {
+    /// Directs the port's SIGIO at this thread and turns O_ASYNC on; true
+    /// when that happened now (false: it was already so). Refused where
+    /// this thread does not block SIGIO: its default action would end the
+    /// agent.
+    fn arm(&mut self) -> io::Result<bool> {
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
         if self.armed_for == Some(tid) {
-            return Ok(());
+            return Ok(false);
+        }
+        if !sigio_blocked() {
+            return Err(io::Error::other("SIGIO is not blocked in this thread"));
         }
         let fd = self.file.as_raw_fd();
         let owner = OwnerEx {
@@ -95,7 +107,18 @@ impl HostWait {
             return Err(io::Error::last_os_error());
         }
         self.armed_for = Some(tid);
-        Ok(())
+        Ok(true)
+    }
+}
+
+/// Whether this thread's signal mask blocks SIGIO.
+fn sigio_blocked() -> bool {
+    // SAFETY: pthread_sigmask writes the current mask into `mask` (no
+    // change asked for); sigismember reads the initialised set.
+    unsafe {
+        let mut mask = std::mem::zeroed::<libc::sigset_t>();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) == 0
+            && libc::sigismember(&mask, libc::SIGIO) == 1
     }
 }
 
@@ -188,6 +211,10 @@ mod tests {
             file: reader,
             armed_for: None,
         };
+        // The first wait arms and returns at once (the caller reads again).
+        let started = Instant::now();
+        wait.wait(Duration::from_secs(20));
+        assert!(started.elapsed() < Duration::from_secs(10));
         let started = Instant::now();
         wait.wait(Duration::from_millis(300));
         let idle = started.elapsed();
@@ -205,5 +232,40 @@ mod tests {
             woken >= Duration::from_millis(150) && woken < Duration::from_secs(10),
             "{woken:?}"
         );
+    }
+
+    /// Where SIGIO is not blocked (its default action would end the
+    /// agent) the port is never armed: the wait is the short fallback
+    /// sleep, every time.
+    #[test]
+    fn a_thread_that_does_not_block_sigio_falls_back_to_polling() {
+        std::thread::spawn(|| {
+            // SAFETY: all zeroes is a valid sigset_t; sigemptyset then
+            // initialises it, and SIG_UNBLOCK changes this thread only.
+            unsafe {
+                let mut mask = std::mem::zeroed::<libc::sigset_t>();
+                libc::sigemptyset(&mut mask);
+                libc::sigaddset(&mut mask, libc::SIGIO);
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &mask, std::ptr::null_mut());
+            }
+            let mut fds = [0; 2];
+            // SAFETY: pipe fills two descriptors we then own.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: fresh descriptors from pipe, each owned once.
+            let (reader, _writer) =
+                unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+            let mut wait = HostWait {
+                file: reader,
+                armed_for: None,
+            };
+            for _ in 0..2 {
+                let started = Instant::now();
+                wait.wait(Duration::from_secs(20));
+                assert!(started.elapsed() < Duration::from_secs(10));
+            }
+            assert!(wait.armed_for.is_none());
+        })
+        .join()
+        .unwrap();
     }
 }
