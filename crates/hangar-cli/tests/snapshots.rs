@@ -1,7 +1,8 @@
 //! Snapshots on real VMs: a guest's files and processes survive snapshot
-//! and restore; forks get their own hostname, machine-id and MAC and do not
-//! see each other's writes; a disk VM's snapshot freezes its disk while
-//! the VM writes on; export, rm, import, restore; bad archives refused.
+//! and restore; forks get their own hostname, machine-id and MAC, reach the
+//! host through their network and do not see each other's writes; a disk
+//! VM's snapshot freezes its disk while the VM writes on; export, rm,
+//! import, restore; bad archives refused.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic loudly
 
@@ -97,6 +98,22 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
         ],
     ));
     let _restored = VmGuard::new(state, &restored);
+    // Its network works: slirp's gateway is the host's loopback, where a
+    // server of this test answers.
+    let server = http::serve(vec![(
+        "/hello",
+        http::Reply::Body(b"reached the host\n".to_vec()),
+    )]);
+    let port = server.rsplit(':').next().unwrap();
+    // nc with a bound: the image's busybox wget crashes given -T, and
+    // without one would wait minutes on a broken network.
+    let reach =
+        format!("printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.0.2.2 {port} | tail -n 1");
+    assert_eq!(
+        exec(state, &restored, &reach).trim(),
+        "reached the host",
+        "{restored}"
+    );
     let seen = exec(
         state,
         &restored,
@@ -169,6 +186,11 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
                 "{fork} ({mac}): {inet6}"
             );
         }
+        assert_eq!(
+            exec(state, fork, &reach).trim(),
+            "reached the host",
+            "{fork} ({mac})"
+        );
         assert!(identities.insert(mac), "{seen}");
         assert!(identities.insert(machine_id), "{seen}");
     }

@@ -188,6 +188,9 @@ impl Snapshotting for QemuBackend {
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": ram_file }] }),
         )?;
+        if !announces_location(&vm.spec.network) {
+            qmp.call_with("migrate-set-parameters", json!({ "announce-rounds": 0 }))?;
+        }
         let file = File::open(state).map_err(|source| BackendError::Io {
             path: state.to_path_buf(),
             source,
@@ -207,6 +210,16 @@ impl Snapshotting for QemuBackend {
         }
         Ok(())
     }
+}
+
+/// Whether a restored guest should announce its MAC (QEMU's announce rounds
+/// after a migration: RARPs from QEMU and, through virtio-net, gratuitous
+/// ARPs and unsolicited neighbour advertisements from the guest, five times
+/// over the first half second). Only a bridge has switches to tell. Under
+/// user networking nobody listens, and a restored guest answering them ran
+/// thousands of untranslated network code blocks before its agent did.
+fn announces_location(network: &crate::spec::NetworkSpec) -> bool {
+    matches!(network, crate::spec::NetworkSpec::Tap { .. })
 }
 
 /// Plugs `growth` into a loaded, paused guest: vCPUs into the machine's
