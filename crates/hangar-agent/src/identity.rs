@@ -1,11 +1,12 @@
 //! A new identity for a guest restored or forked from a snapshot: hostname,
-//! machine-id, eth0's MAC (and IPv6 addresses made from it), a reseeded
+//! machine-id, the NIC's MAC (and IPv6 addresses made from it), a reseeded
 //! random pool and the host's clock.
 //! Each part is tried even when an earlier one failed; the host gets the
 //! list of what failed.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use hangar_proto::GuestIdentity;
 
@@ -24,15 +25,55 @@ pub fn apply(identity: &GuestIdentity) -> Vec<String> {
     attempt("hostname", set_hostname(&identity.hostname));
     attempt("machine-id", write_machine_id(&identity.machine_id));
     if let Some(mac) = &identity.mac {
-        let changed = set_mac("eth0", mac);
-        let renew = changed.is_ok();
-        attempt("mac", changed);
-        if renew {
-            attempt("ipv6", renew_ipv6("eth0"));
+        match vm_nic(Path::new(SYS_CLASS_NET)) {
+            Ok(nic) => {
+                let changed = set_mac(&nic, mac);
+                let renew = changed.is_ok();
+                attempt("mac", changed);
+                if renew {
+                    attempt("ipv6", renew_ipv6(&nic));
+                }
+            }
+            Err(err) => attempt("mac", Err(err)),
         }
     }
     errors
 }
+
+const SYS_CLASS_NET: &str = "/sys/class/net";
+
+/// The VM's network interface: `eth0` where the kernel's names are kept
+/// (Hangar's initramfs, images booted with net.ifnames=0), else the one
+/// Ethernet device an image with predictable names calls ens3 or enp0s2.
+/// Interfaces without a device behind them (bridges, veths, tunnels) are
+/// not it. More than one such device: refused, naming them.
+fn vm_nic(sys_class_net: &Path) -> io::Result<String> {
+    if sys_class_net.join("eth0").exists() {
+        return Ok("eth0".into());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(sys_class_net)? {
+        let entry = entry?;
+        let dir = entry.path();
+        let is_ethernet =
+            std::fs::read_to_string(dir.join("type")).is_ok_and(|kind| kind.trim() == ARPHRD_ETHER);
+        if is_ethernet && dir.join("device").exists() {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [nic] => Ok(nic.clone()),
+        [] => Err(io::Error::other("no Ethernet device in the guest")),
+        several => Err(io::Error::other(format!(
+            "several Ethernet devices ({}): cannot tell which is the VM's NIC",
+            several.join(", ")
+        ))),
+    }
+}
+
+/// `/sys/class/net/*/type` of an Ethernet interface.
+const ARPHRD_ETHER: &str = "1";
 
 fn set_hostname(name: &str) -> io::Result<()> {
     crate::sys::set_hostname(name)?;
@@ -194,6 +235,40 @@ mod tests {
         assert_eq!(hex_decode("00ff"), Some(vec![0, 255]));
         assert_eq!(hex_decode("0"), None);
         assert_eq!(hex_decode("zz"), None);
+    }
+
+    /// A /sys/class/net of `(name, type, has a device)` entries.
+    fn fake_sys(interfaces: &[(&str, &str, bool)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, kind, device) in interfaces {
+            let nic = dir.path().join(name);
+            std::fs::create_dir(&nic).unwrap();
+            std::fs::write(nic.join("type"), format!("{kind}\n")).unwrap();
+            if *device {
+                std::fs::create_dir(nic.join("device")).unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn the_nic_is_eth0_or_the_only_ethernet_device() {
+        let kernel_names = fake_sys(&[("lo", "772", false), ("eth0", "1", true)]);
+        assert_eq!(vm_nic(kernel_names.path()).unwrap(), "eth0");
+        // Predictable names, with a bridge and a veth beside the NIC.
+        let predictable = fake_sys(&[
+            ("lo", "772", false),
+            ("docker0", "1", false),
+            ("veth1", "1", false),
+            ("ens3", "1", true),
+        ]);
+        assert_eq!(vm_nic(predictable.path()).unwrap(), "ens3");
+        let two = fake_sys(&[("ens3", "1", true), ("ens4", "1", true)]);
+        let err = vm_nic(two.path()).unwrap_err().to_string();
+        assert!(err.contains("ens3, ens4"), "{err}");
+        let none = fake_sys(&[("lo", "772", false), ("wg0", "65534", true)]);
+        let err = vm_nic(none.path()).unwrap_err().to_string();
+        assert!(err.contains("no Ethernet device"), "{err}");
     }
 
     #[test]

@@ -178,10 +178,12 @@ fn serve_ports(reaper: &reaper::Reaper, is_init: bool, ports: Vec<u32>) -> std::
     let first = port::open_agent_port(&port_name(first_index), PORT_APPEAR_TIMEOUT)?;
     let reaper_for_rest = reaper.clone();
     let mut missing: Vec<u32> = rest.to_vec();
-    // Port names reach the guest one by one; serve each as it appears.
+    // Port names reach the guest one by one; serve each as it appears. The
+    // thread ends as soon as the last one is served, not a sleep later (a
+    // snapshot taken in that sleep left the thread's end to every restore).
     std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + PORT_APPEAR_TIMEOUT;
-        while !missing.is_empty() && std::time::Instant::now() < deadline {
+        loop {
             missing.retain(|index| {
                 let Ok(port) = port::open_agent_port(&port_name(*index), Duration::ZERO) else {
                     return true;
@@ -190,6 +192,9 @@ fn serve_ports(reaper: &reaper::Reaper, is_init: bool, ports: Vec<u32>) -> std::
                 std::thread::spawn(move || session::serve(port, reaper, is_init));
                 false
             });
+            if missing.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         if !missing.is_empty() {
