@@ -260,9 +260,13 @@ fn cpu_of(pid: Option<u32>) -> Duration {
     let Some(pid) = pid else {
         return Duration::ZERO;
     };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may hold spaces: state is
-    // the first, utime and stime the 12th and 13th.
+    cpu_in_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// utime + stime of a `/proc/PID/stat` line.
+fn cpu_in_stat(stat: &str) -> Duration {
+    // The fields after the command name, which may hold spaces and
+    // parentheses: state is the first, utime and stime the 12th and 13th.
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let ticks: u64 = after_name
         .split_whitespace()
@@ -415,4 +419,30 @@ fn sha256_of(path: &Path) -> anyhow::Result<String> {
         .next()
         .unwrap_or_default()
         .to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_user_plus_system_after_the_command_name() {
+        // A name with a space and a parenthesis, utime 7, stime 5 ticks.
+        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3";
+        assert_eq!(cpu_in_stat(line), Duration::from_millis(120));
+        assert_eq!(cpu_in_stat("garbage"), Duration::ZERO);
+        // This process, working until its CPU time shows (a tick at most
+        // on an idle host; bounded for a starved one).
+        let started = Instant::now();
+        let mut spin = 0u64;
+        while cpu_of(Some(std::process::id())).is_zero()
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            for _ in 0..100_000 {
+                spin = std::hint::black_box(spin.wrapping_add(1));
+            }
+        }
+        assert!(!cpu_of(Some(std::process::id())).is_zero());
+        assert_eq!(cpu_of(None), Duration::ZERO);
+    }
 }
