@@ -52,7 +52,9 @@ fn vm_nic(sys_class_net: &Path) -> io::Result<String> {
         return Ok("eth0".into());
     }
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(sys_class_net)? {
+    let listing = std::fs::read_dir(sys_class_net)
+        .map_err(|err| io::Error::other(format!("{}: {err}", sys_class_net.display())))?;
+    for entry in listing {
         let entry = entry?;
         let dir = entry.path();
         let is_ethernet =
@@ -184,6 +186,8 @@ fn set_mac(name: &str, mac: &str) -> io::Result<()> {
             crate::sys::set_interface_up(name, false)?;
             let result = crate::sys::set_hardware_address(name, mac);
             crate::sys::set_interface_up(name, true)?;
+            // Hangar's own kernel sets eth0 up from its command line; an
+            // image with its own init (no hangar.net) does it itself.
             crate::net::configure(crate::cmdline::KernelCmdline::read().value("hangar.net"));
             result
         }
@@ -245,7 +249,8 @@ mod tests {
             std::fs::create_dir(&nic).unwrap();
             std::fs::write(nic.join("type"), format!("{kind}\n")).unwrap();
             if *device {
-                std::fs::create_dir(nic.join("device")).unwrap();
+                // As sysfs has it: a link to the device's directory.
+                std::os::unix::fs::symlink(dir.path(), nic.join("device")).unwrap();
             }
         }
         dir
@@ -253,7 +258,11 @@ mod tests {
 
     #[test]
     fn the_nic_is_eth0_or_the_only_ethernet_device() {
-        let kernel_names = fake_sys(&[("lo", "772", false), ("eth0", "1", true)]);
+        let kernel_names = fake_sys(&[
+            ("lo", "772", false),
+            ("eth0", "1", true),
+            ("eth1", "1", true),
+        ]);
         assert_eq!(vm_nic(kernel_names.path()).unwrap(), "eth0");
         // Predictable names, with a bridge and a veth beside the NIC.
         let predictable = fake_sys(&[

@@ -105,14 +105,18 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
         http::Reply::Body(b"reached the host\n".to_vec()),
     )]);
     let port = server.rsplit(':').next().unwrap();
-    // nc with a bound: the image's busybox wget crashes given -T, and
-    // without one would wait minutes on a broken network.
-    let reach =
-        format!("printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.0.2.2 {port} | tail -n 1");
+    // nc with a bound on the connect: the image's busybox wget crashes
+    // given -T, and without it would wait minutes on a broken network
+    // (a stall after the connect ends at hangar's command timeout). Its
+    // errors are in the output the assertion shows.
+    let reach = format!(
+        "printf 'GET /hello HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.0.2.2 {port} 2>&1 | tail -n 3"
+    );
+    let reached = exec(state, &restored, &reach);
     assert_eq!(
-        exec(state, &restored, &reach).trim(),
-        "reached the host",
-        "{restored}"
+        reached.lines().last(),
+        Some("reached the host"),
+        "{restored}: {reached}"
     );
     let seen = exec(
         state,
@@ -186,10 +190,11 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
                 "{fork} ({mac}): {inet6}"
             );
         }
+        let reached = exec(state, fork, &reach);
         assert_eq!(
-            exec(state, fork, &reach).trim(),
-            "reached the host",
-            "{fork} ({mac})"
+            reached.lines().last(),
+            Some("reached the host"),
+            "{fork} ({mac}): {reached}"
         );
         assert!(identities.insert(mac), "{seen}");
         assert!(identities.insert(machine_id), "{seen}");

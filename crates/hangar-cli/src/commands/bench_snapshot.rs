@@ -102,7 +102,7 @@ fn measure(
         let record = manager.start(None, &name)?;
         true_in(manager, &name)?;
         cold.push(started.elapsed());
-        cold_cpu.push(cpu_of(record.pid));
+        cold_cpu.push(cpu_of(record.pid)?);
         manager.remove(None, &name, true)?;
     }
     let (cold, cold_cpu) = (median(&cold), median(&cold_cpu));
@@ -122,7 +122,10 @@ fn measure(
     let started = Instant::now();
     let forked = manager.fork(&small, forks, &RestoreOptions::default())?;
     let fork = started.elapsed();
-    let fork_cpu: Duration = forked.iter().map(|vm| cpu_of(vm.pid)).sum();
+    let fork_cpu = forked
+        .iter()
+        .map(|vm| cpu_of(vm.pid))
+        .sum::<anyhow::Result<Duration>>()?;
     made.vms.extend(forked.iter().map(|vm| vm.name.clone()));
     let started = Instant::now();
     for vm in &forked {
@@ -141,10 +144,13 @@ fn measure(
         let (_, cost) = snapshot_of(manager, made, &tag, 256, Some((&bundle, disk)))?;
         costs.push(cost);
     }
-    // The forks' VMMs run side by side: on this host's cores they cannot
-    // all be ready sooner than their summed CPU time spread over them.
+    // The forks' VMMs run side by side: on this host's cores (no more of
+    // them than forks) they cannot all be ready much sooner than their
+    // summed CPU time spread over them. About: the sum, read when the last
+    // was ready, includes what the first ones used idling since.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let fork_floor = fork_cpu / u32::try_from(cores).unwrap_or(1);
+    let sharing_cores = u32::try_from(cores.min(forks)).unwrap_or(1);
+    let fork_floor = fork_cpu / sharing_cores;
     let report = serde_json::json!({
         "accelerator": accel,
         "runs": runs,
@@ -195,7 +201,7 @@ fn measure(
         ratio(fork, restore)
     );
     println!(
-        "  the {forks} VMMs used {} ms of CPU: on {cores} cores no fork can be ready before {} ms ({:.1}x one restore)",
+        "  the {forks} VMMs used {} ms of CPU: on {cores} cores they cannot all be ready much before {} ms ({:.1}x one restore)",
         fork_cpu.as_millis(),
         fork_floor.as_millis(),
         ratio(fork_floor, restore)
@@ -247,7 +253,7 @@ fn restore_median(
         made.vms.push(name.clone());
         true_in(manager, &name)?;
         times.push(started.elapsed());
-        cpu.push(cpu_of(record.pid));
+        cpu.push(cpu_of(record.pid)?);
         manager.remove(None, &name, true)?;
     }
     Ok((median(&times), median(&cpu)))
@@ -256,11 +262,16 @@ fn restore_median(
 /// The CPU time a VMM process has used so far, all its threads (user and
 /// system; zero when it cannot be read). Under TCG nearly all of it is the
 /// guest's code being translated and run.
-fn cpu_of(pid: Option<u32>) -> Duration {
-    let Some(pid) = pid else {
-        return Duration::ZERO;
-    };
-    cpu_in_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+fn cpu_of(pid: Option<u32>) -> anyhow::Result<Duration> {
+    let pid = pid.context("the VM record has no VMM pid to read the CPU time of")?;
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // A VMM that ran a guest up to an exec has used CPU: none means the
+    // line was not what this reads.
+    match cpu_in_stat(&stat) {
+        cpu if cpu.is_zero() => bail!("no CPU time in {path}: {stat:?}"),
+        cpu => Ok(cpu),
+    }
 }
 
 /// utime + stime of a `/proc/PID/stat` line.
@@ -435,14 +446,14 @@ mod tests {
         // on an idle host; bounded for a starved one).
         let started = Instant::now();
         let mut spin = 0u64;
-        while cpu_of(Some(std::process::id())).is_zero()
+        while cpu_of(Some(std::process::id())).is_err()
             && started.elapsed() < Duration::from_secs(10)
         {
             for _ in 0..100_000 {
                 spin = std::hint::black_box(spin.wrapping_add(1));
             }
         }
-        assert!(!cpu_of(Some(std::process::id())).is_zero());
-        assert_eq!(cpu_of(None), Duration::ZERO);
+        assert!(!cpu_of(Some(std::process::id())).unwrap().is_zero());
+        assert!(cpu_of(None).is_err());
     }
 }
