@@ -8,17 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::http::{serve, Reply};
 use common::images::*;
 use common::*;
-
-fn scratch(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn squashfs_of(tree: &Path, out: &Path) {
     run_tool(

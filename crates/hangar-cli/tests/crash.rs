@@ -8,16 +8,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-
-fn fresh_state(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 const STORM_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -40,7 +34,7 @@ fn all_ok(outputs: &[std::process::Output], what: &str) {
 #[test]
 fn a_storm_of_parallel_processes_loses_and_duplicates_nothing() {
     let n = env_count("HANGAR_STORM", 100);
-    let state = fresh_state("storm");
+    let state = scratch("storm");
     let names: Vec<String> = (0..n).map(|i| format!("vm{i}")).collect();
     let creates = names
         .iter()
@@ -122,7 +116,7 @@ fn kill_after(mut child: std::process::Child, delay: Duration) {
 #[test]
 fn kill_minus_9_of_hangar_at_random_points_noop() {
     let iterations = env_count("HANGAR_CRASH_NOOP", 100);
-    let state = fresh_state("crash-noop");
+    let state = scratch("crash-noop");
     let mut rng = Lcg(0x5eed);
     for i in 0..iterations {
         let name = format!("vm{}", rng.next(4));
@@ -152,7 +146,7 @@ fn kill_minus_9_of_hangar_at_random_points_noop() {
 #[test]
 fn kill_minus_9_of_hangar_during_real_vm_operations() {
     let iterations = env_count("HANGAR_CRASH_QEMU", 10);
-    let state = fresh_state("crash-qemu");
+    let state = scratch("crash-qemu");
     ok(&hangar(&state, &["create", "--name", "a"]));
     let mut rng = Lcg(0xc0ffee);
     for _ in 0..iterations {

@@ -8,18 +8,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::http::{serve, Reply};
 use common::*;
 use sha2::{Digest, Sha256};
-
-fn scratch(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// `qemu-img create -f FORMAT [OPTIONS] FILE [SIZE]` in `dir`; returns
 /// the file's bytes.

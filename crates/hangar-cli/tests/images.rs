@@ -7,16 +7,8 @@
 mod common;
 mod oci_layout;
 
-use std::path::PathBuf;
-
 use common::*;
 use oci_layout::{app_docker_save, app_image, layer, write_layout, Item};
-
-fn scratch(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 #[test]
 fn an_imported_image_runs_like_docker_run() {

@@ -7,18 +7,11 @@
 mod common;
 mod oci_layout;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
 use hangar::bench_image::LocalRegistry;
 use oci_layout::app_image;
-
-fn scratch(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn require(program: &str, package: &str) {
     let found = Command::new("sh")

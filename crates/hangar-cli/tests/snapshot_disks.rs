@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::images::add_ext4_bundle;
 use common::*;
@@ -60,8 +60,7 @@ fn snapshot_names(state: &Path) -> Vec<String> {
 #[test]
 fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let state = shared_state();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("snap-disks"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("snap-disks");
     let image = add_ext4_bundle(state, &dir, &unique("snapdisks"));
     let vm = unique("disks-src");
     ok(&hangar(

@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::images::add_ext4_bundle;
 use common::*;
@@ -19,12 +19,6 @@ fn snapshot_guard<'a>(state: &'a Path, name: &str) -> SnapshotGuard<'a> {
         state,
         name: name.to_owned(),
     }
-}
-
-fn scratch(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn exec(state: &Path, vm: &str, script: &str) -> String {

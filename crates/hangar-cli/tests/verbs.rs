@@ -5,15 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-
-fn fresh_state(prefix: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn state_of(state: &std::path::Path, vm: &str) -> String {
     inspect(state, vm)["state"].as_str().unwrap().to_owned()
@@ -21,7 +13,7 @@ fn state_of(state: &std::path::Path, vm: &str) -> String {
 
 #[test]
 fn noop_vm_moves_through_every_verb() {
-    let state = fresh_state("verbs");
+    let state = scratch("verbs");
     ok(&hangar(
         &state,
         &[
@@ -65,7 +57,7 @@ fn noop_vm_moves_through_every_verb() {
 
 #[test]
 fn ps_filters_by_namespace_state_and_label() {
-    let state = fresh_state("filters");
+    let state = scratch("filters");
     for (name, ns, label) in [
         ("a", "one", "role=web"),
         ("b", "one", "role=db"),
@@ -114,7 +106,7 @@ fn ps_filters_by_namespace_state_and_label() {
 
 #[test]
 fn create_from_a_spec_file_in_each_format() {
-    let state = fresh_state("specfile");
+    let state = scratch("specfile");
     let files = [
         (
             "web.toml",

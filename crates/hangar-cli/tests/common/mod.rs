@@ -145,6 +145,14 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// A new empty directory under the test target's scratch space, named
+/// `prefix` plus a unique suffix.
+pub fn scratch(prefix: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A fresh VM on the default image, started, removed when the guard drops.
 pub fn running_vm(prefix: &str) -> (String, VmGuard<'static>) {
     let state = shared_state();
