@@ -27,8 +27,23 @@ command -v mksquashfs >/dev/null 2>&1 || need_apt=1
 
 if [ "$need_apt" -eq 1 ]; then
   $SUDO apt-get update -qq
+  # qemu-utils must come from the same QEMU release as qemu-system-x86
+  # (Debian's packages break each other across releases). A machine that
+  # has qemu-utils from elsewhere (seen: 10.0 from bookworm-backports, with
+  # no backports source left to get the matching emulator) gets the
+  # distribution's qemu-utils instead, said out loud.
+  qemu_pins=(qemu-system-x86 qemu-utils)
+  qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+  utils_version=$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)
+  if [ -n "$qemu_version" ] && [ "$qemu_version" != "(none)" ] \
+    && [ -n "$utils_version" ] && [ "$utils_version" != "$qemu_version" ]; then
+    echo "install-deps: qemu-utils $utils_version does not match qemu-system-x86 $qemu_version; installing qemu-utils $qemu_version" >&2
+    qemu_pins=("qemu-utils=$qemu_version" "qemu-system-x86=$qemu_version"
+      "qemu-system-common=$qemu_version")
+  fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    qemu-system-x86 qemu-system-data qemu-utils e2fsprogs busybox-static ca-certificates \
+    --allow-downgrades \
+    "${qemu_pins[@]}" qemu-system-data e2fsprogs busybox-static ca-certificates \
     docker-registry skopeo squashfs-tools >/dev/null
 fi
 
