@@ -158,6 +158,90 @@ fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The backing file `qemu-img` reads in a layer's header.
+fn backing_of(layer: &Path) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(layer)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["backing-filename"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_snapshot_with_stop_ends_the_vm_and_its_next_start_goes_on_from_it() {
+    let state = shared_state();
+    let dir = scratch("snap-stop");
+    let image = add_ext4_bundle(state, &dir, &unique("snapstop"));
+    let vm = unique("stop-src");
+    ok(&hangar(
+        state,
+        &[
+            "create",
+            "--name",
+            &vm,
+            "--image",
+            &image,
+            "--data-disk",
+            "64M",
+        ],
+    ));
+    let _vm = VmGuard::new(state, &vm);
+    ok(&hangar(state, &["start", &vm]));
+    mark(state, &vm, "saved");
+    let snap = unique("stopped");
+    let _snap = SnapshotGuard {
+        state,
+        name: snap.clone(),
+    };
+    ok(&hangar(
+        state,
+        &["snapshot", "create", &vm, "--name", &snap, "--stop"],
+    ));
+    let source = inspect(state, &vm);
+    assert_eq!(source["state"], "stopped", "{source}");
+    let pid = source["pid"].as_u64().map(|p| p as u32);
+    assert!(!pid.is_some_and(process_running), "{source}");
+    // With QEMU gone, the new layers' headers were rewritten to name the
+    // frozen layers inside the snapshot: the VM depends on the snapshot.
+    let record: serde_json::Value =
+        serde_json::from_str(&ok(&hangar(state, &["snapshot", "inspect", &snap]))).unwrap();
+    let snapshot_id = record["id"].as_str().unwrap();
+    assert_eq!(source["disk_snapshot"], snapshot_id, "{source}");
+    let work_dir = Path::new(source["work_dir"].as_str().unwrap());
+    for (layer, frozen) in [
+        (source["root_layer"].as_str().unwrap(), "disk.qcow2"),
+        (source["data_layers"]["0"].as_str().unwrap(), "data-0.qcow2"),
+    ] {
+        let backing = backing_of(&work_dir.join(layer));
+        assert!(
+            backing.ends_with(&format!("{snapshot_id}/{frozen}")),
+            "{layer}: {backing}"
+        );
+    }
+    let refused = hangar(state, &["snapshot", "rm", &snap]);
+    assert!(
+        text(&refused.stderr).contains(&format!("VM {vm}")),
+        "{}",
+        text(&refused.stderr)
+    );
+    // Its next start is a cold boot on its own layers above the frozen ones.
+    ok(&hangar(state, &["start", &vm]));
+    assert_eq!(marks(state, &vm), same("saved"));
+    mark(state, &vm, "source-after");
+    let restored = unique("stop-restored");
+    ok(&hangar(state, &["restore", &snap, "--name", &restored]));
+    let _restored = VmGuard::new(state, &restored);
+    assert_eq!(marks(state, &restored), same("saved"));
+    assert_eq!(marks(state, &vm), same("source-after"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_host_file_attached_as_it_is_is_refused_and_nothing_is_made() {
     let state = shared_state();

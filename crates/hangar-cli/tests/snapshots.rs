@@ -52,7 +52,9 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
         "echo kept > /root/file; (i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 1; done) </dev/null >/dev/null 2>&1 & echo $! > /root/counter.pid",
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let snap = unique("warm");
+    // Capitals are allowed in snapshot names; the forks' names made from
+    // it are lowercase (VM names and hostnames are).
+    let snap = unique("Warm");
     let _snap = snapshot_guard(state, &snap);
     ok(&hangar(
         state,
@@ -146,6 +148,9 @@ fn a_restored_vm_has_the_files_and_processes_of_its_snapshot() {
     let forks: Vec<String> = forked.lines().map(str::to_owned).collect();
     let _forks: Vec<_> = forks.iter().map(|f| VmGuard::new(state, f)).collect();
     assert_eq!(forks.len(), 3, "{forked}");
+    for (n, fork) in forks.iter().enumerate() {
+        assert_eq!(*fork, format!("{}-fork-{}", snap.to_lowercase(), n + 1));
+    }
     let mut identities = std::collections::BTreeSet::new();
     for fork in &forks {
         let seen = exec(

@@ -177,6 +177,21 @@ pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `data` at `offset` of `file`, leaving out the 4 KiB blocks that
+/// are all zeros: in a file grown to its length (`set_len`), they stay
+/// holes. An imported guest RAM file then costs its data, not its size.
+pub fn write_skipping_zeros(file: &std::fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    for (index, block) in data.chunks(BLOCK).enumerate() {
+        if block.iter().all(|byte| *byte == 0) {
+            continue;
+        }
+        file.write_all_at(block, offset + (index * BLOCK) as u64)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +218,22 @@ mod tests {
         assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
         // Two small extents, not 64 MiB.
         assert!(std::fs::metadata(&to).unwrap().blocks() * 512 < 4 << 20);
+    }
+
+    #[test]
+    fn zero_blocks_are_left_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut data = vec![0u8; 16 << 20];
+        data[5] = 1;
+        data[(8 << 20) + 4095] = 2;
+        // Written in two pieces at their offsets, as an import does.
+        write_skipping_zeros(&file, 0, &data[..4 << 20]).unwrap();
+        write_skipping_zeros(&file, 4 << 20, &data[4 << 20..]).unwrap();
+        file.set_len(data.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
     }
 }

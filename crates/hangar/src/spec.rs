@@ -258,6 +258,20 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(b))
 }
 
+/// `base` followed by `suffix` as a valid name: lowercased, and `base`
+/// cut short so the whole fits in 63 characters (`suffix` is kept whole;
+/// callers give short ones such as `-fork-12`). Names derived from a
+/// snapshot's (which may hold capitals) or a long VM name.
+pub fn derived_name(base: &str, suffix: &str) -> String {
+    let room = 63usize.saturating_sub(suffix.len());
+    let base: String = base
+        .chars()
+        .take(room)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    format!("{base}{suffix}")
+}
+
 impl VmSpec {
     /// A spec with defaults for everything but the name.
     pub fn new(name: impl Into<String>) -> Self {
@@ -410,6 +424,17 @@ fn check_user_net_address(network: &StaticNetwork) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_names_are_valid_names() {
+        assert_eq!(derived_name("Warm.Guest", "-fork-3"), "warm.guest-fork-3");
+        let long = "S".repeat(63);
+        let name = derived_name(&long, "-fork-12");
+        assert_eq!(name.len(), 63);
+        assert!(name.ends_with("-fork-12"), "{name}");
+        assert!(is_valid_name(&name), "{name}");
+        assert!(is_valid_name(&derived_name("web", "-1")));
+    }
 
     #[test]
     fn defaults_fill_a_minimal_json_spec() {

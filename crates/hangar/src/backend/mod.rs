@@ -210,19 +210,27 @@ pub struct SnapshotTaken {
     /// Size of a cloud-init seed attached to this boot: a restore needs a
     /// disk of that size in its place.
     pub seed_bytes: Option<u64>,
+    /// The guest ran when the snapshot began (else the user had paused it).
+    pub was_running: bool,
 }
 
 /// Capability: save a running VM (memory, devices, disk) and start VMs from
 /// what was saved.
 pub trait Snapshotting {
     /// Pauses the VM, freezes its disk layers, saves devices and memory
-    /// into `target.dir`, then resumes it (or ends it with `stop_after`).
-    /// The guest runs on after a failure too.
+    /// into `target.dir`, then resumes it; with `stop_after` it stays
+    /// paused for [`Snapshotting::finish_stopped`]. The guest runs on
+    /// after a failure too.
     fn snapshot(
         &self,
         vm: &VmRecord,
         target: &SnapshotTarget,
     ) -> Result<SnapshotTaken, BackendError>;
+
+    /// After a `stop_after` snapshot: ends the VM (`end`: its snapshot is
+    /// safe; returns once the VMM has exited, so its disks are free) or
+    /// lets its guest run on (the snapshot failed after all).
+    fn finish_stopped(&self, vm: &VmRecord, end: bool) -> Result<(), BackendError>;
 
     /// Rewrites the header of the running VM's new layer `node` of disk
     /// `role` to name `backing` (the same file by another name) as its

@@ -28,6 +28,13 @@ pub enum ManagerError {
         #[source]
         source: BackendError,
     },
+    #[error("VM {name}: snapshot {snapshot} is saved, but the VM could not be ended after it ({source}); end it with `hangar stop {name}`")]
+    NotEndedAfterSnapshot {
+        name: String,
+        snapshot: String,
+        #[source]
+        source: BackendError,
+    },
     /// The host lacks something every VM needs.
     #[error(transparent)]
     Host(BackendError),

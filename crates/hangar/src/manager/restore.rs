@@ -148,7 +148,7 @@ impl Manager {
         let name = match &options.name {
             Some(name) => name.clone(),
             None => self
-                .free_names(&snapshot.name, 1, options.namespace.as_deref())?
+                .free_names(&snapshot.name, "", 1, options.namespace.as_deref())?
                 .remove(0),
         };
         let record = {
@@ -177,13 +177,13 @@ impl Manager {
         }
         if options.name.is_some() || options.hostname.is_some() {
             return Err(ManagerError::Config(
-                "fork names its VMs SNAPSHOT-fork-N (hostnames alike); --name and --hostname are for restore".into(),
+                "fork names its VMs snapshot-fork-N (hostnames alike); --name and --hostname are for restore".into(),
             ));
         }
         let snapshot = self.snapshot_store().find(snapshot)?;
         let growth = self.check_restorable(&snapshot, options)?;
-        let prefix = format!("{}-fork", snapshot.name);
-        let names = self.free_names(&prefix, count, options.namespace.as_deref())?;
+        let names =
+            self.free_names(&snapshot.name, "-fork", count, options.namespace.as_deref())?;
         let accel = self.accelerator()?.accel;
         let mut records = Vec::new();
         {
@@ -358,10 +358,12 @@ impl Manager {
         })
     }
 
-    /// `count` VM names `PREFIX-N` not in use in the namespace.
+    /// `count` VM names `BASE` + `TAG-N` not in use in the namespace, made
+    /// valid (a snapshot's name may hold capitals, or be too long).
     fn free_names(
         &mut self,
-        prefix: &str,
+        base: &str,
+        tag: &str,
         count: usize,
         namespace: Option<&str>,
     ) -> Result<Vec<String>, ManagerError> {
@@ -374,7 +376,7 @@ impl Manager {
             .map(|vm| vm.name)
             .collect();
         Ok((1..)
-            .map(|n| format!("{prefix}-{n}"))
+            .map(|n| crate::spec::derived_name(base, &format!("{tag}-{n}")))
             .filter(|name| !taken.contains(name))
             .take(count)
             .collect())

@@ -87,7 +87,10 @@ impl Manager {
                 Ok(record)
             }
             Err(err) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                // A snapshot on record stays, whatever failed after it.
+                if !dir.join(crate::snapshot::store::RECORD_FILE).exists() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 Err(err)
             }
         }
@@ -130,60 +133,92 @@ impl Manager {
             stop_after: options.stop,
         };
         let taken = self.snapshotting(vm)?.snapshot(vm, &target);
-        // Once frozen, the VM writes to the new layers whatever else
-        // happened: the record follows the disks. (Their headers name the
-        // frozen layers by their work-dir names until relinked below.)
-        let frozen: Vec<&DiskFreeze> = freezes.iter().filter(|f| f.next.is_file()).collect();
-        if !frozen.is_empty() {
-            self.store.update(&vm.id, |r| {
-                for freeze in &frozen {
-                    let layer = file_name(&freeze.next);
-                    match freeze.role {
-                        DiskRole::Root => r.root_layer = Some(layer),
-                        DiskRole::Data(index) => {
-                            r.data_layers.insert(index, layer);
-                        }
-                    }
-                }
-                Ok::<_, ManagerError>(())
-            })?;
-        }
-        let taken = taken.map_err(|source| ManagerError::Backend {
-            name: vm.name.clone(),
-            source,
-        })?;
-        let files = sync_and_list(&dir)?;
-        let record = SnapshotRecord {
-            format: SNAPSHOT_FORMAT,
-            id: id.clone(),
-            name: name.clone(),
-            description: options.description.clone(),
-            created_at: chrono::Utc::now(),
-            source: SourceVm {
-                id: vm.id.clone(),
+        let was_running = taken.as_ref().is_ok_and(|taken| taken.was_running);
+        let followed = self.follow_frozen_disks(vm, &freezes);
+        let saved = followed.and_then(|()| {
+            let taken = taken.map_err(|source| ManagerError::Backend {
                 name: vm.name.clone(),
-            },
-            backend: vm.backend,
-            accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
-            vmm_version: taken.vmm_version,
-            agent_protocol: hangar_proto::PROTOCOL_VERSION,
-            spec: recorded_spec(&vm.spec),
-            resources: resources(vm, &dir),
-            memory: if taken.ram_file {
-                MemoryForm::File
-            } else {
-                MemoryForm::Stream
-            },
-            boot,
-            parent: vm.disk_snapshot.clone().filter(|_| !freezes.is_empty()),
-            image: image_reference(&vm.spec.image),
-            seed_bytes: taken.seed_bytes,
-            paused_ms: u64::try_from(taken.paused.as_millis()).unwrap_or(u64::MAX),
-            files,
-        };
-        store.save(&record)?;
+                source,
+            })?;
+            let record = SnapshotRecord {
+                format: SNAPSHOT_FORMAT,
+                id: id.clone(),
+                name: name.clone(),
+                description: options.description.clone(),
+                created_at: chrono::Utc::now(),
+                source: SourceVm {
+                    id: vm.id.clone(),
+                    name: vm.name.clone(),
+                },
+                backend: vm.backend,
+                accel: vm.accel.unwrap_or(crate::record::Accel::Tcg),
+                vmm_version: taken.vmm_version,
+                agent_protocol: hangar_proto::PROTOCOL_VERSION,
+                spec: recorded_spec(&vm.spec),
+                resources: resources(vm, &dir),
+                memory: if taken.ram_file {
+                    MemoryForm::File
+                } else {
+                    MemoryForm::Stream
+                },
+                boot,
+                parent: vm.disk_snapshot.clone().filter(|_| !freezes.is_empty()),
+                image: image_reference(&vm.spec.image),
+                seed_bytes: taken.seed_bytes,
+                paused_ms: u64::try_from(taken.paused.as_millis()).unwrap_or(u64::MAX),
+                files: sync_and_list(&dir)?,
+            };
+            store.save(&record)?;
+            Ok(record)
+        });
+        if options.stop {
+            // The VM waited, paused, for its snapshot to be on record.
+            let backend = self.snapshotting(vm)?;
+            match &saved {
+                Ok(_) => backend.finish_stopped(vm, true).map_err(|source| {
+                    ManagerError::NotEndedAfterSnapshot {
+                        name: vm.name.clone(),
+                        snapshot: name.clone(),
+                        source,
+                    }
+                })?,
+                Err(_) if was_running => {
+                    let _ = backend.finish_stopped(vm, false);
+                }
+                Err(_) => {}
+            }
+        }
+        let record = saved?;
         self.relink_layers(vm, &id, &freezes, &dir, options.stop);
         Ok(record)
+    }
+
+    /// Once frozen, the VM writes to the new layers whatever else happened
+    /// (a failed save included): the record follows the disks. (Their
+    /// headers name the frozen layers by their work-dir names until
+    /// relinked.)
+    fn follow_frozen_disks(
+        &mut self,
+        vm: &crate::record::VmRecord,
+        freezes: &[DiskFreeze],
+    ) -> Result<(), ManagerError> {
+        let frozen: Vec<&DiskFreeze> = freezes.iter().filter(|f| f.next.is_file()).collect();
+        if frozen.is_empty() {
+            return Ok(());
+        }
+        self.store.update(&vm.id, |r| {
+            for freeze in &frozen {
+                let layer = file_name(&freeze.next);
+                match freeze.role {
+                    DiskRole::Root => r.root_layer = Some(layer),
+                    DiskRole::Data(index) => {
+                        r.data_layers.insert(index, layer);
+                    }
+                }
+            }
+            Ok::<_, ManagerError>(())
+        })?;
+        Ok(())
     }
 
     /// Points the VM's new layers at the frozen ones' names in the
@@ -351,7 +386,7 @@ fn snapshot_supported(vm: &crate::record::VmRecord) -> Result<(), ManagerError> 
 /// `web-1`, `web-2`, ...: the first free one.
 fn default_name(vm: &str, existing: &[SnapshotRecord]) -> String {
     (1..)
-        .map(|n| format!("{vm}-{n}"))
+        .map(|n| crate::spec::derived_name(vm, &format!("-{n}")))
         .find(|name| !existing.iter().any(|s| &s.name == name))
         .unwrap_or_else(|| vm.to_owned())
 }

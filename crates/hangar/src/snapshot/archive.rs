@@ -326,7 +326,7 @@ pub fn import(
             )));
         }
         let path = dir.join(&member);
-        let mut out = crate::fsutil::create_private(&path).map_err(io(&path))?;
+        let out = crate::fsutil::create_private(&path).map_err(io(&path))?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -342,8 +342,12 @@ pub fn import(
                 return Err(bad(format!("member {member} is longer than declared")));
             }
             hasher.update(&buffer[..read]);
-            out.write_all(&buffer[..read]).map_err(io(&path))?;
+            // Holes where the member has zeros: a guest's untouched RAM
+            // was a hole on the exporting host too.
+            crate::fsutil::write_skipping_zeros(&out, total - read as u64, &buffer[..read])
+                .map_err(io(&path))?;
         }
+        out.set_len(total).map_err(io(&path))?;
         let sha256 = hex::encode(hasher.finalize());
         if total != declared.bytes || Some(&sha256) != declared.sha256.as_ref() {
             return Err(bad(format!(

@@ -155,6 +155,11 @@ pub enum SnapshotError {
     Damaged { path: PathBuf, detail: String },
     #[error("archive {path}: {detail}; nothing was imported")]
     BadArchive { path: PathBuf, detail: String },
+    #[error("{path}: another hangar has held the snapshot lock for over {waited:?} (a snapshot create, import or removal still running?); try again once it is done")]
+    Busy {
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("I/O error on {path}")]
     Io {
         path: PathBuf,

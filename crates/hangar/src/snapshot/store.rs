@@ -3,6 +3,7 @@
 //! `snapshots-v1/lock`, so names stay unique across processes.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::Flock;
 
@@ -10,6 +11,9 @@ use super::{SnapshotError, SnapshotRecord, SNAPSHOT_FORMAT};
 
 /// The record's file name in a snapshot's folder.
 pub const RECORD_FILE: &str = "snapshot.json";
+
+/// How long a snapshot operation waits for another one's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub struct SnapshotStore {
@@ -44,14 +48,31 @@ impl SnapshotStore {
         }
     }
 
-    /// Held while snapshots are added or removed.
+    /// Held while snapshots are added or removed. Waits for another
+    /// holder at most [`LOCK_WAIT`] (an import of a large archive holds it
+    /// for minutes; a wedged process must not hold everyone forever).
     pub fn lock(&self) -> Result<Flock<std::fs::File>, SnapshotError> {
+        self.lock_within(LOCK_WAIT)
+    }
+
+    fn lock_within(&self, wait: Duration) -> Result<Flock<std::fs::File>, SnapshotError> {
         crate::layout::create_private_dir(&self.root).map_err(|err| SnapshotError::Damaged {
             path: self.root.clone(),
             detail: err.to_string(),
         })?;
         let path = self.root.join("lock");
-        crate::fsutil::lock_file(&path, true).map_err(Self::io(&path))
+        let deadline = Instant::now() + wait;
+        loop {
+            match crate::fsutil::lock_file(&path, false) {
+                Ok(lock) => return Ok(lock),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(Self::io(&path)(err)),
+            }
+            if Instant::now() >= deadline {
+                return Err(SnapshotError::Busy { path, waited: wait });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A new, empty folder for snapshot `id`.
@@ -208,6 +229,18 @@ pub fn parse_record(path: &Path, text: &[u8]) -> Result<SnapshotRecord, Snapshot
             detail: "the description is not one line of text".into(),
         });
     }
+    // Printed by `snapshot ls` and `inspect`: names as a VM's are.
+    if !crate::spec::is_valid_name(&record.source.name)
+        || !crate::manager::is_valid_id(&record.source.id)
+    {
+        return Err(SnapshotError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!(
+                "source VM {:?} ({:?}) is not a VM name and id",
+                record.source.name, record.source.id
+            ),
+        });
+    }
     if !crate::manager::is_valid_id(&record.id) {
         return Err(SnapshotError::Damaged {
             path: path.to_path_buf(),
@@ -248,4 +281,23 @@ pub fn is_plain_name(name: &str) -> bool {
         && !name.contains('/')
         && !name.contains('\0')
         && name.len() <= 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_waited_for_then_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(dir.path().join("snapshots-v1"));
+        let held = store.lock().unwrap();
+        let started = Instant::now();
+        let err = store.lock_within(Duration::from_millis(100)).unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(matches!(err, SnapshotError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("snapshot lock"), "{err}");
+        drop(held);
+        store.lock_within(Duration::from_millis(100)).unwrap();
+    }
 }

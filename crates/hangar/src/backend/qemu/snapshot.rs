@@ -121,13 +121,9 @@ impl Snapshotting for QemuBackend {
         let saved = save(&mut qmp, vm, target);
         let paused = paused_at.elapsed();
         let resumed = if target.stop_after && saved.is_ok() {
-            let quit = qmp.execute(QmpCommand::Quit).map(drop);
-            // The caller rewrites the new layers' headers next: QEMU must
-            // have let go of them.
-            if let (Ok(()), Some(pid)) = (&quit, vm.pid) {
-                crate::backend::process::wait_gone(pid, vm.pid_start_time, QUIT_TIMEOUT);
-            }
-            quit
+            // Ended by `finish_stopped` once the snapshot is on record: a
+            // failure until then must not cost the guest's memory.
+            Ok(())
         } else if was_running {
             // Runs on after a failure too: a failed snapshot must not cost
             // the user their VM.
@@ -142,7 +138,27 @@ impl Snapshotting for QemuBackend {
             paused,
             vmm_version,
             seed_bytes,
+            was_running,
         })
+    }
+
+    fn finish_stopped(&self, vm: &VmRecord, end: bool) -> Result<(), BackendError> {
+        let mut qmp = self.qmp(vm)?;
+        if !end {
+            return qmp.execute(QmpCommand::Cont).map(drop);
+        }
+        qmp.execute(QmpCommand::Quit)?;
+        // The caller rewrites the new layers' headers next: QEMU must have
+        // let go of them.
+        if let Some(pid) = vm.pid {
+            if !crate::backend::process::wait_gone(pid, vm.pid_start_time, QUIT_TIMEOUT) {
+                return Err(BackendError::Launch {
+                    what: "QEMU's exit after the snapshot".into(),
+                    detail: format!("pid {pid} still runs after {QUIT_TIMEOUT:?}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn relink_layer(

@@ -221,6 +221,10 @@ fn hostile_or_damaged_envelopes_are_refused_and_nothing_is_kept() {
             Box::new(|v| v["snapshot"]["boot"]["kernel"] = "/etc/shadow".into()),
         ),
         (
+            "is not a VM name and id",
+            Box::new(|v| v["snapshot"]["source"]["name"] = "web\u{1b}[2J".into()),
+        ),
+        (
             "snapshot.json is format 7",
             Box::new(|v| v["snapshot"]["format"] = 7.into()),
         ),
