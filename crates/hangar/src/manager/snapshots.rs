@@ -303,15 +303,26 @@ impl Manager {
         Ok(record)
     }
 
-    /// Who builds on a snapshot's disk: VMs (`VM name`) and snapshots
-    /// (`snapshot name`).
+    /// Who builds on a snapshot: VMs on its disk (`VM name`), VMs still
+    /// loading its state (a restore or fork under way; once running they
+    /// need none of its files), and snapshots (`snapshot name`).
     pub fn snapshot_users(&self, id: &str) -> Result<Vec<String>, ManagerError> {
+        use crate::record::VmState;
         let mut users: Vec<String> = self
             .store
             .list()?
             .into_iter()
-            .filter(|vm| vm.disk_snapshot.as_deref() == Some(id))
-            .map(|vm| format!("VM {}", vm.name))
+            .filter_map(|vm| {
+                let loading = vm.restored_from.as_deref() == Some(id)
+                    && matches!(vm.state, VmState::Created | VmState::Starting);
+                if vm.disk_snapshot.as_deref() == Some(id) {
+                    Some(format!("VM {}", vm.name))
+                } else if loading {
+                    Some(format!("VM {} (starting from it)", vm.name))
+                } else {
+                    None
+                }
+            })
             .collect();
         for snapshot in self.snapshot_store().list()? {
             if snapshot.parent.as_deref() == Some(id) {

@@ -84,3 +84,30 @@ fn image_references_are_default_or_oci_and_must_be_imported() {
     );
     assert!(m.list().unwrap().is_empty());
 }
+
+#[test]
+fn a_vm_still_loading_a_snapshot_pins_it_until_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let vm = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    let snapshot = "0a0000000001";
+    let set = |m: &mut Manager, state: VmState| {
+        m.store
+            .update(&vm.id, |r| {
+                r.restored_from = Some(snapshot.into());
+                r.state = state;
+                Ok::<_, ManagerError>(())
+            })
+            .unwrap();
+    };
+    assert!(m.snapshot_users(snapshot).unwrap().is_empty());
+    for loading in [VmState::Created, VmState::Starting] {
+        set(&mut m, loading);
+        assert_eq!(
+            m.snapshot_users(snapshot).unwrap(),
+            vec!["VM web (starting from it)".to_owned()]
+        );
+    }
+    set(&mut m, VmState::Running);
+    assert!(m.snapshot_users(snapshot).unwrap().is_empty());
+}
