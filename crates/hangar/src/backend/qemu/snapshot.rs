@@ -336,6 +336,7 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
             });
         }
     }
+    crate::trace::phase("snapshot: disks frozen");
     for freeze in &target.disks {
         // QEMU made it under its umask; it holds the guest's writes.
         let _ = std::fs::set_permissions(
@@ -367,9 +368,11 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
         cancel_migration(qmp);
         return Err(err);
     }
+    crate::trace::phase("snapshot: device state saved");
     if ram_file {
         let copy = target.dir.join("ram");
         crate::fsutil::copy_sparse(&own_ram, &copy).map_err(io(&copy))?;
+        crate::trace::phase("snapshot: RAM copied");
     }
     Ok(ram_file)
 }
