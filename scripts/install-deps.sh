@@ -33,7 +33,7 @@ if [ "$need_apt" -eq 1 ]; then
   # no backports source left to get the matching emulator) gets the
   # distribution's qemu-utils instead, said out loud.
   qemu_pins=(qemu-system-x86 qemu-utils)
-  qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+  qemu_version=$(LC_ALL=C apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
   utils_version=$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)
   if [ -n "$qemu_version" ] && [ "$qemu_version" != "(none)" ] \
     && [ -n "$utils_version" ] && [ "$utils_version" != "$qemu_version" ]; then

@@ -199,14 +199,15 @@ fn a_snapshot_with_stop_ends_the_vm_and_its_next_start_goes_on_from_it() {
         state,
         name: snap.clone(),
     };
+    let pid = inspect(state, &vm)["pid"].as_u64().unwrap() as u32;
+    assert!(process_running(pid));
     ok(&hangar(
         state,
         &["snapshot", "create", &vm, "--name", &snap, "--stop"],
     ));
     let source = inspect(state, &vm);
     assert_eq!(source["state"], "stopped", "{source}");
-    let pid = source["pid"].as_u64().map(|p| p as u32);
-    assert!(!pid.is_some_and(process_running), "{source}");
+    assert!(!process_running(pid), "QEMU {pid} still runs: {source}");
     // With QEMU gone, the new layers' headers were rewritten to name the
     // frozen layers inside the snapshot: the VM depends on the snapshot.
     let record: serde_json::Value =

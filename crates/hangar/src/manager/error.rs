@@ -28,12 +28,21 @@ pub enum ManagerError {
         #[source]
         source: BackendError,
     },
-    #[error("VM {name}: snapshot {snapshot} is saved, but the VM could not be ended after it ({source}); end it with `hangar stop {name}`")]
+    #[error("VM {name}: snapshot {snapshot} is saved, but the VM could not be ended after it ({source}); end it with `hangar stop {name}{namespace_flag}`")]
     NotEndedAfterSnapshot {
         name: String,
+        namespace_flag: String,
         snapshot: String,
         #[source]
-        source: BackendError,
+        source: Box<BackendError>,
+    },
+    #[error("{failure}; and VM {name} stays paused: it could not be resumed ({source}); resume it with `hangar resume {name}{namespace_flag}`")]
+    NotResumedAfterSnapshot {
+        failure: Box<ManagerError>,
+        name: String,
+        namespace_flag: String,
+        #[source]
+        source: Box<BackendError>,
     },
     /// The host lacks something every VM needs.
     #[error(transparent)]

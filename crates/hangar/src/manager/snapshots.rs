@@ -171,23 +171,34 @@ impl Manager {
             store.save(&record)?;
             Ok(record)
         });
-        if options.stop {
+        let saved = if options.stop {
             // The VM waited, paused, for its snapshot to be on record.
             let backend = self.snapshotting(vm)?;
-            match &saved {
-                Ok(_) => backend.finish_stopped(vm, true).map_err(|source| {
-                    ManagerError::NotEndedAfterSnapshot {
+            let namespace_flag = namespace_flag(&vm.namespace);
+            match saved {
+                Ok(record) => match backend.finish_stopped(vm, true) {
+                    Ok(()) => Ok(record),
+                    Err(source) => Err(ManagerError::NotEndedAfterSnapshot {
                         name: vm.name.clone(),
+                        namespace_flag,
                         snapshot: name.clone(),
-                        source,
-                    }
-                })?,
-                Err(_) if was_running => {
-                    let _ = backend.finish_stopped(vm, false);
-                }
-                Err(_) => {}
+                        source: Box::new(source),
+                    }),
+                },
+                Err(failure) if was_running => match backend.finish_stopped(vm, false) {
+                    Ok(()) => Err(failure),
+                    Err(source) => Err(ManagerError::NotResumedAfterSnapshot {
+                        failure: Box::new(failure),
+                        name: vm.name.clone(),
+                        namespace_flag,
+                        source: Box::new(source),
+                    }),
+                },
+                Err(failure) => Err(failure),
             }
-        }
+        } else {
+            saved
+        };
         let record = saved?;
         self.relink_layers(vm, &id, &freezes, &dir, options.stop);
         Ok(record)
@@ -313,7 +324,10 @@ impl Manager {
             .list()?
             .into_iter()
             .filter_map(|vm| {
+                // Not a cold start of a restored VM stopped since: that
+                // boots from its work dir.
                 let loading = vm.restored_from.as_deref() == Some(id)
+                    && vm.stopped_at.is_none()
                     && matches!(vm.state, VmState::Created | VmState::Starting);
                 if vm.disk_snapshot.as_deref() == Some(id) {
                     Some(format!("VM {}", vm.name))
@@ -362,6 +376,15 @@ fn recorded_spec(spec: &crate::spec::VmSpec) -> crate::spec::VmSpec {
     spec.cloud_init = None;
     spec.ssh = None;
     spec
+}
+
+/// ` -n NAMESPACE` for a hint naming a VM outside the default namespace.
+fn namespace_flag(namespace: &str) -> String {
+    if namespace == crate::spec::DEFAULT_NAMESPACE {
+        String::new()
+    } else {
+        format!(" -n {namespace}")
+    }
 }
 
 /// What snapshots do not cover yet, refused before anything happens.

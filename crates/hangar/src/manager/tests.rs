@@ -110,4 +110,13 @@ fn a_vm_still_loading_a_snapshot_pins_it_until_it_runs() {
     }
     set(&mut m, VmState::Running);
     assert!(m.snapshot_users(snapshot).unwrap().is_empty());
+    // A cold start later boots from the VM's own files.
+    m.store
+        .update(&vm.id, |r| {
+            r.stopped_at = Some(chrono::Utc::now());
+            r.state = VmState::Starting;
+            Ok::<_, ManagerError>(())
+        })
+        .unwrap();
+    assert!(m.snapshot_users(snapshot).unwrap().is_empty());
 }

@@ -143,7 +143,7 @@ pub enum SnapshotError {
     NameTaken { name: String, id: String },
     #[error("snapshot name {name:?}: {why}")]
     BadName { name: String, why: String },
-    #[error("snapshot {name} is used by {users}; remove those first, or pass --force (they will no longer start)")]
+    #[error("snapshot {name} is used by {users}; remove those first (a VM starting from it needs it only until it runs), or pass --force (they will no longer start)")]
     InUse { name: String, users: String },
     #[error("{path}: snapshot.json is format {found}, this hangar reads up to {supported}; upgrade hangar")]
     NewerFormat {
@@ -160,6 +160,8 @@ pub enum SnapshotError {
         path: PathBuf,
         waited: std::time::Duration,
     },
+    #[error("interrupted while waiting for the snapshot lock; nothing was changed")]
+    Interrupted,
     #[error("I/O error on {path}")]
     Io {
         path: PathBuf,

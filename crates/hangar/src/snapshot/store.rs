@@ -71,6 +71,9 @@ impl SnapshotStore {
             if Instant::now() >= deadline {
                 return Err(SnapshotError::Busy { path, waited: wait });
             }
+            if crate::interrupt::requested() {
+                return Err(SnapshotError::Interrupted);
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -335,8 +335,8 @@ fn save(qmp: &mut QmpClient, vm: &VmRecord, target: &SnapshotTarget) -> Result<b
                 detail: format!("QEMU refused (nothing was frozen): {error}"),
             });
         }
+        crate::trace::phase("snapshot: disks frozen");
     }
-    crate::trace::phase("snapshot: disks frozen");
     for freeze in &target.disks {
         // QEMU made it under its umask; it holds the guest's writes.
         let _ = std::fs::set_permissions(
