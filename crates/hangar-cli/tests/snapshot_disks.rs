@@ -45,6 +45,29 @@ fn mark(state: &Path, vm: &str, text: &str) {
     );
 }
 
+/// A bundle VM with a 64M data disk (the root disk is vda, the data disk
+/// vdb), started, with "saved" written to both disks.
+fn started_with_marks<'a>(state: &'a Path, dir: &Path, prefix: &str) -> VmGuard<'a> {
+    let image = add_ext4_bundle(state, dir, &unique(&format!("{prefix}-image")));
+    let vm = unique(prefix);
+    ok(&hangar(
+        state,
+        &[
+            "create",
+            "--name",
+            &vm,
+            "--image",
+            &image,
+            "--data-disk",
+            "64M",
+        ],
+    ));
+    let guard = VmGuard::new(state, &vm);
+    ok(&hangar(state, &["start", &vm]));
+    mark(state, &vm, "saved");
+    guard
+}
+
 fn same(text: &str) -> (String, String) {
     (text.to_owned(), text.to_owned())
 }
@@ -61,23 +84,8 @@ fn snapshot_names(state: &Path) -> Vec<String> {
 fn data_disks_are_frozen_with_the_snapshot_and_each_copy_writes_its_own() {
     let state = shared_state();
     let dir = scratch("snap-disks");
-    let image = add_ext4_bundle(state, &dir, &unique("snapdisks"));
-    let vm = unique("disks-src");
-    ok(&hangar(
-        state,
-        &[
-            "create",
-            "--name",
-            &vm,
-            "--image",
-            &image,
-            "--data-disk",
-            "64M",
-        ],
-    ));
-    let _vm = VmGuard::new(state, &vm);
-    ok(&hangar(state, &["start", &vm]));
-    mark(state, &vm, "saved");
+    let source_guard = started_with_marks(state, &dir, "disks-src");
+    let vm = source_guard.name.clone();
     let snap = unique("disks");
     let _snap = take_snapshot(state, &vm, &snap);
     // The source writes on in new layers; the snapshot keeps "saved".
@@ -177,23 +185,8 @@ fn backing_of(layer: &Path) -> String {
 fn a_snapshot_with_stop_ends_the_vm_and_its_next_start_goes_on_from_it() {
     let state = shared_state();
     let dir = scratch("snap-stop");
-    let image = add_ext4_bundle(state, &dir, &unique("snapstop"));
-    let vm = unique("stop-src");
-    ok(&hangar(
-        state,
-        &[
-            "create",
-            "--name",
-            &vm,
-            "--image",
-            &image,
-            "--data-disk",
-            "64M",
-        ],
-    ));
-    let _vm = VmGuard::new(state, &vm);
-    ok(&hangar(state, &["start", &vm]));
-    mark(state, &vm, "saved");
+    let source_guard = started_with_marks(state, &dir, "stop-src");
+    let vm = source_guard.name.clone();
     let snap = unique("stopped");
     let _snap = SnapshotGuard {
         state,
