@@ -319,7 +319,15 @@ fn a_disk_snapshot_freezes_the_disk_and_the_vm_writes_on() {
             archive.to_str().unwrap(),
         ],
     ));
-    ok(&hangar(state, &["snapshot", "rm", "--force", &second]));
+    let forced = hangar(state, &["snapshot", "rm", "--force", &second]);
+    ok(&forced);
+    // --force says what it breaks.
+    assert!(
+        text(&forced.stderr).contains(&format!("VM {vm}"))
+            && text(&forced.stderr).contains("can no longer start"),
+        "{}",
+        text(&forced.stderr)
+    );
     let imported = unique("imported");
     let _imported = snapshot_guard(state, &imported);
     ok(&hangar(

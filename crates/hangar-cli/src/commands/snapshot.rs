@@ -56,7 +56,16 @@ pub fn snapshot(global: &Global, command: SnapshotCommand) -> anyhow::Result<u8>
             let mut failed = false;
             for reference in snapshots {
                 match manager.snapshot_remove(&reference, force) {
-                    Ok(record) => println!("{}", record.name),
+                    Ok(removed) => {
+                        println!("{}", removed.record.name);
+                        if !removed.broken.is_empty() {
+                            eprintln!(
+                                "hangar: removed snapshot {} with --force: {} built on it and can no longer start",
+                                removed.record.name,
+                                removed.broken.join(", ")
+                            );
+                        }
+                    }
                     Err(err) => {
                         eprintln!("hangar: {err}");
                         failed = true;

@@ -38,7 +38,7 @@ pub use gc::GcReport;
 pub use images::ImageGcReport;
 pub use restore::RestoreOptions;
 pub use run::RunOutcome;
-pub use snapshots::SnapshotOptions;
+pub use snapshots::{RemovedSnapshot, SnapshotOptions};
 pub use up::{UpAction, UpChange};
 
 /// How many console lines are kept with a VM that ended on its own, and

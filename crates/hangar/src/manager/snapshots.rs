@@ -292,13 +292,13 @@ impl Manager {
     }
 
     /// Removes a snapshot; refused while VMs or other snapshots build on its
-    /// disk, unless `force` (they are named in the error, and with force
-    /// they can no longer start).
+    /// disk, unless `force` (they are named in the error; with force they
+    /// can no longer start, and are returned to be told).
     pub fn snapshot_remove(
         &mut self,
         reference: &str,
         force: bool,
-    ) -> Result<SnapshotRecord, ManagerError> {
+    ) -> Result<RemovedSnapshot, ManagerError> {
         let store = self.snapshot_store();
         let _lock = store.lock()?;
         let record = store.find(reference)?;
@@ -311,7 +311,10 @@ impl Manager {
             .into());
         }
         store.remove(&record.id)?;
-        Ok(record)
+        Ok(RemovedSnapshot {
+            record,
+            broken: users,
+        })
     }
 
     /// Who builds on a snapshot: VMs on its disk (`VM name`), VMs still
@@ -376,6 +379,14 @@ fn recorded_spec(spec: &crate::spec::VmSpec) -> crate::spec::VmSpec {
     spec.cloud_init = None;
     spec.ssh = None;
     spec
+}
+
+/// A removed snapshot, and what `--force` broke: the VMs and snapshots
+/// (`VM name`, `snapshot name`) that built on it.
+#[derive(Clone, Debug)]
+pub struct RemovedSnapshot {
+    pub record: SnapshotRecord,
+    pub broken: Vec<String>,
 }
 
 /// ` -n NAMESPACE` for a hint naming a VM outside the default namespace.
