@@ -25,15 +25,10 @@ fn main() -> ExitCode {
     match commands::dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            if err.downcast_ref::<hangar::ManagerError>().is_some_and(|e| {
-                matches!(
-                    e,
-                    hangar::ManagerError::Interrupted
-                        | hangar::ManagerError::Snapshot(
-                            hangar::snapshot::SnapshotError::Interrupted
-                        )
-                )
-            }) {
+            if err
+                .downcast_ref::<hangar::ManagerError>()
+                .is_some_and(hangar::ManagerError::is_interrupted)
+            {
                 eprintln!("hangar: interrupted");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }

@@ -183,11 +183,21 @@ pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
 pub fn write_skipping_zeros(file: &std::fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     const BLOCK: usize = 4096;
+    // One write per run of blocks with data, not one per block.
+    let mut run_start = None;
     for (index, block) in data.chunks(BLOCK).enumerate() {
-        if block.iter().all(|byte| *byte == 0) {
-            continue;
+        let zeros = block.iter().all(|byte| *byte == 0);
+        match (zeros, run_start) {
+            (false, None) => run_start = Some(index * BLOCK),
+            (true, Some(start)) => {
+                file.write_all_at(&data[start..index * BLOCK], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
         }
-        file.write_all_at(block, offset + (index * BLOCK) as u64)?;
+    }
+    if let Some(start) = run_start {
+        file.write_all_at(&data[start..], offset + start as u64)?;
     }
     Ok(())
 }

@@ -124,6 +124,16 @@ pub enum ManagerError {
     },
 }
 
+impl ManagerError {
+    /// The user's Ctrl-C stopped it, in whichever wait it came.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            Self::Interrupted | Self::Snapshot(crate::snapshot::SnapshotError::Interrupted)
+        )
+    }
+}
+
 fn console_suffix(lines: &[String]) -> String {
     if lines.is_empty() {
         return String::new();

@@ -171,37 +171,45 @@ impl Manager {
             store.save(&record)?;
             Ok(record)
         });
-        let saved = if options.stop {
-            // The VM waited, paused, for its snapshot to be on record.
-            let backend = self.snapshotting(vm)?;
-            let namespace_flag = namespace_flag(&vm.namespace);
-            match saved {
-                Ok(record) => match backend.finish_stopped(vm, true) {
-                    Ok(()) => Ok(record),
-                    Err(source) => Err(ManagerError::NotEndedAfterSnapshot {
-                        name: vm.name.clone(),
-                        namespace_flag,
-                        snapshot: name.clone(),
-                        source: Box::new(source),
-                    }),
-                },
-                Err(failure) if was_running => match backend.finish_stopped(vm, false) {
-                    Ok(()) => Err(failure),
-                    Err(source) => Err(ManagerError::NotResumedAfterSnapshot {
-                        failure: Box::new(failure),
-                        name: vm.name.clone(),
-                        namespace_flag,
-                        source: Box::new(source),
-                    }),
-                },
-                Err(failure) => Err(failure),
-            }
+        let record = if options.stop {
+            self.finish_stopped(vm, saved, was_running)?
         } else {
-            saved
+            saved?
         };
-        let record = saved?;
         self.relink_layers(vm, &id, &freezes, &dir, options.stop);
         Ok(record)
+    }
+
+    /// After a `--stop` snapshot, whose VM waited paused for its record:
+    /// ends the VM once `saved`, else lets a guest that ran before run on.
+    fn finish_stopped(
+        &self,
+        vm: &crate::record::VmRecord,
+        saved: Result<SnapshotRecord, ManagerError>,
+        was_running: bool,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        let backend = self.snapshotting(vm)?;
+        match saved {
+            Ok(record) => match backend.finish_stopped(vm, true) {
+                Ok(()) => Ok(record),
+                Err(source) => Err(ManagerError::NotEndedAfterSnapshot {
+                    name: vm.name.clone(),
+                    namespace_flag: namespace_flag(&vm.namespace),
+                    snapshot: record.name,
+                    source: Box::new(source),
+                }),
+            },
+            Err(failure) if was_running => match backend.finish_stopped(vm, false) {
+                Ok(()) => Err(failure),
+                Err(source) => Err(ManagerError::NotResumedAfterSnapshot {
+                    failure: Box::new(failure),
+                    name: vm.name.clone(),
+                    namespace_flag: namespace_flag(&vm.namespace),
+                    source: Box::new(source),
+                }),
+            },
+            Err(failure) => Err(failure),
+        }
     }
 
     /// Once frozen, the VM writes to the new layers whatever else happened
