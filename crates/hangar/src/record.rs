@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::VmSpec;
 
+mod layers;
+
 /// Version of the record document written today.
 pub const RECORD_SCHEMA: u32 = 1;
 
@@ -240,6 +242,10 @@ pub struct VmRecord {
     /// cannot be removed while this VM exists.
     #[serde(default)]
     pub disk_snapshot: Option<String>,
+    /// A snapshot whose disk freeze is (or was, if this was never cleared)
+    /// under way: see `adopt_frozen_layers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freezing: Option<String>,
     /// The snapshot this VM was restored or forked from.
     #[serde(default)]
     pub restored_from: Option<String>,
@@ -333,6 +339,7 @@ impl VmRecord {
             root_layer: None,
             data_layers: BTreeMap::new(),
             disk_snapshot: None,
+            freezing: None,
             restored_from: None,
             boot: None,
             machine: None,

@@ -44,7 +44,23 @@ impl Manager {
     /// Boots a VM and returns once its guest agent has said hello.
     pub fn start(&mut self, namespace: Option<&str>, key: &str) -> Result<VmRecord, ManagerError> {
         let record = self.inspect(namespace, key)?;
-        self.start_record(record).map(|(record, _)| record)
+        let (record, client) = self.start_record(record)?;
+        if let Some(client) = client {
+            self.keep_session(&record, client);
+        }
+        Ok(record)
+    }
+
+    /// `record` with the layers of a freeze that a snapshot left unended
+    /// (its record update was lost): see `VmRecord::adopt_frozen_layers`.
+    pub(super) fn layers_followed(&mut self, record: VmRecord) -> Result<VmRecord, ManagerError> {
+        if record.freezing.is_none() {
+            return Ok(record);
+        }
+        self.store.update(&record.id, |r| {
+            r.adopt_frozen_layers();
+            Ok::<_, ManagerError>(())
+        })
     }
 
     /// Starts `record` and returns the agent session used for readiness.
@@ -62,6 +78,7 @@ impl Manager {
         record: VmRecord,
         incoming: Option<super::restore::Incoming>,
     ) -> Result<(VmRecord, Option<AgentClient>), ManagerError> {
+        let record = self.layers_followed(record)?;
         if !record.state.valid_transition(VmState::Starting) {
             let mut probe = record.clone();
             transition(&mut probe, VmState::Starting, "start it")?;

@@ -14,6 +14,7 @@ mod plan;
 mod reconcile;
 mod restore;
 mod run;
+mod sessions;
 mod snapshots;
 mod ssh;
 mod up;
@@ -30,7 +31,7 @@ use crate::image::{ensure_default_image, DefaultImage};
 use crate::layout::{create_private_dir, Layout};
 use crate::record::{Accel, BackendKind, ProcessRef, VmRecord, VmSummary};
 use crate::spec::{ImageSource, VmSpec};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 pub use error::ManagerError;
 pub use filter::ListFilter;
@@ -66,6 +67,8 @@ pub struct Manager {
     /// SSH private keys given in memory, by VM id: held by this manager
     /// only, never written anywhere (their `Debug` shows fingerprints).
     ssh_keys: HashMap<String, SshPrivateKey>,
+    /// Agent sessions kept from starts and execs, by VM id.
+    sessions: sessions::Sessions,
 }
 
 impl Manager {
@@ -84,6 +87,7 @@ impl Manager {
             forced_accel,
             accel: None,
             ssh_keys: HashMap::new(),
+            sessions: sessions::Sessions::new(),
         })
     }
 
@@ -256,7 +260,22 @@ impl Manager {
     /// All VMs, each reconciled.
     pub fn list(&mut self) -> Result<Vec<VmRecord>, ManagerError> {
         let records = self.store.list()?;
-        records.into_iter().map(|r| self.reconcile(r)).collect()
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            out.extend(self.reconcile_listed(record)?);
+        }
+        Ok(out)
+    }
+
+    /// `record`, reconciled; None if another command removed the VM since
+    /// it was listed (`rm` kills the VMM before it drops the record, and a
+    /// listing must not fail on that).
+    fn reconcile_listed(&mut self, record: VmRecord) -> Result<Option<VmRecord>, ManagerError> {
+        match self.reconcile(record) {
+            Ok(record) => Ok(Some(record)),
+            Err(ManagerError::Store(StoreError::NotFound { .. })) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     /// Summaries of the VMs `filter` selects. Only VMs whose records say a
@@ -266,8 +285,12 @@ impl Manager {
         let mut out = Vec::new();
         for summary in self.store.list_summaries()? {
             let summary = if summary.state.has_process() {
-                match self.store.get(&summary.id)? {
-                    Some(record) => VmSummary::from(&self.reconcile(record)?),
+                let record = match self.store.get(&summary.id)? {
+                    Some(record) => self.reconcile_listed(record)?,
+                    None => None,
+                };
+                match record {
+                    Some(record) => VmSummary::from(&record),
                     None => continue,
                 }
             } else {
@@ -347,6 +370,7 @@ impl Manager {
     /// Deletes the work dir, then the record (a crash in between leaves a
     /// record that `rm` removes again).
     fn destroy(&mut self, record: &VmRecord) -> Result<(), ManagerError> {
+        self.sessions.remove(&record.id);
         lifecycle::drop_ram_file(record);
         match std::fs::remove_dir_all(&record.work_dir) {
             Ok(()) => {}

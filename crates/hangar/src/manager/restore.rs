@@ -485,11 +485,13 @@ impl Manager {
             growth: growth.clone(),
         };
         let (namespace, id) = (record.namespace.clone(), record.id.clone());
-        let started = self
-            .start_record_from(record, Some(incoming))
-            .map(|(record, _client)| record);
-        match started {
-            Ok(record) => Ok(record),
+        match self.start_record_from(record, Some(incoming)) {
+            Ok((record, client)) => {
+                if let Some(client) = client {
+                    self.keep_session(&record, client);
+                }
+                Ok(record)
+            }
             Err(err) => {
                 let _ = self.remove(Some(&namespace), &id, true);
                 Err(err)

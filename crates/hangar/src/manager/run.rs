@@ -48,6 +48,11 @@ impl Manager {
             .exec_with(request, io, sink, &mut check)
             .map_err(|source| self.guest_error(&record, source));
         crate::trace::phase("exec: exited");
+        // A session whose exec ended normally is fit for the next one; a
+        // failed or interrupted one may hold half a frame.
+        if status.is_ok() && !crate::interrupt::requested() {
+            self.keep_session(&record, client);
+        }
         status
     }
 
@@ -87,6 +92,9 @@ impl Manager {
                     "; start it first (`hangar start`)"
                 },
             });
+        }
+        if let Some(client) = self.take_session(&record) {
+            return Ok((record, client));
         }
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_alive_check(pid, start);

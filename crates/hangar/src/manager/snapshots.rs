@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Manager, ManagerError};
 use crate::backend::{BackendError, DiskFreeze, DiskRole, SnapshotTarget};
-use crate::record::{SavedBoot, SavedDisk, VmState};
+use crate::record::{SavedBoot, SavedDisk, VmRecord, VmState};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{
     MemoryForm, Resources, SnapshotError, SnapshotFile, SnapshotRecord, SourceVm, SNAPSHOT_FORMAT,
@@ -48,6 +48,7 @@ impl Manager {
         let store = self.snapshot_store();
         let _lock = store.lock()?;
         let vm = self.inspect(namespace, key)?;
+        let vm = self.layers_followed(vm)?;
         if vm.state != VmState::Running {
             return Err(ManagerError::InvalidState {
                 name: vm.name.clone(),
@@ -99,7 +100,7 @@ impl Manager {
     /// The backend's snapshot capability, or why there is none.
     fn snapshotting(
         &self,
-        vm: &crate::record::VmRecord,
+        vm: &VmRecord,
     ) -> Result<&dyn crate::backend::Snapshotting, ManagerError> {
         self.backend(vm.backend)?
             .as_snapshotting()
@@ -116,7 +117,7 @@ impl Manager {
     /// Saves the VM into `dir` and writes the record.
     fn take_snapshot(
         &mut self,
-        vm: &crate::record::VmRecord,
+        vm: &VmRecord,
         id: &str,
         name: &str,
         dir: &Path,
@@ -132,9 +133,16 @@ impl Manager {
             disks: freezes.clone(),
             stop_after: options.stop,
         };
+        if !freezes.is_empty() {
+            // Told before the freeze: the record may fail to follow it.
+            self.store.update(&vm.id, |r| {
+                r.freezing = Some(id.clone());
+                Ok::<_, ManagerError>(())
+            })?;
+        }
         let taken = self.snapshotting(vm)?.snapshot(vm, &target);
         let was_running = taken.as_ref().is_ok_and(|taken| taken.was_running);
-        let followed = self.follow_frozen_disks(vm, &freezes);
+        let followed = self.follow_frozen_disks(vm);
         let saved = followed.and_then(|()| {
             let taken = taken.map_err(|source| ManagerError::Backend {
                 name: vm.name.clone(),
@@ -184,7 +192,7 @@ impl Manager {
     /// ends the VM once `saved`, else lets a guest that ran before run on.
     fn finish_stopped(
         &self,
-        vm: &crate::record::VmRecord,
+        vm: &VmRecord,
         saved: Result<SnapshotRecord, ManagerError>,
         was_running: bool,
     ) -> Result<SnapshotRecord, ManagerError> {
@@ -213,28 +221,13 @@ impl Manager {
     }
 
     /// Once frozen, the VM writes to the new layers whatever else happened
-    /// (a failed save included): the record follows the disks. (Their
-    /// headers name the frozen layers by their work-dir names until
-    /// relinked.)
-    fn follow_frozen_disks(
-        &mut self,
-        vm: &crate::record::VmRecord,
-        freezes: &[DiskFreeze],
-    ) -> Result<(), ManagerError> {
-        let frozen: Vec<&DiskFreeze> = freezes.iter().filter(|f| f.next.is_file()).collect();
-        if frozen.is_empty() {
-            return Ok(());
-        }
+    /// (a failed save included): the record follows the disks and the
+    /// freeze ends. (Their headers name the frozen layers by their work-dir
+    /// names until relinked.) Should this write be lost, the next start or
+    /// snapshot follows them instead (`VmRecord::adopt_frozen_layers`).
+    fn follow_frozen_disks(&mut self, vm: &VmRecord) -> Result<(), ManagerError> {
         self.store.update(&vm.id, |r| {
-            for freeze in &frozen {
-                let layer = file_name(&freeze.next);
-                match freeze.role {
-                    DiskRole::Root => r.root_layer = Some(layer),
-                    DiskRole::Data(index) => {
-                        r.data_layers.insert(index, layer);
-                    }
-                }
-            }
+            r.adopt_frozen_layers();
             Ok::<_, ManagerError>(())
         })?;
         Ok(())
@@ -247,7 +240,7 @@ impl Manager {
     /// whole.
     fn relink_layers(
         &mut self,
-        vm: &crate::record::VmRecord,
+        vm: &VmRecord,
         id: &str,
         freezes: &[DiskFreeze],
         dir: &Path,
@@ -359,7 +352,7 @@ impl Manager {
 
     /// What `vm` booted: its saved boot when it came from a snapshot, else
     /// its image resolved now.
-    fn saved_boot(&mut self, vm: &crate::record::VmRecord) -> Result<SavedBoot, ManagerError> {
+    fn saved_boot(&mut self, vm: &VmRecord) -> Result<SavedBoot, ManagerError> {
         if let Some(boot) = &vm.boot {
             return Ok(boot.clone());
         }
@@ -407,7 +400,7 @@ fn namespace_flag(namespace: &str) -> String {
 }
 
 /// What snapshots do not cover yet, refused before anything happens.
-fn snapshot_supported(vm: &crate::record::VmRecord) -> Result<(), ManagerError> {
+fn snapshot_supported(vm: &VmRecord) -> Result<(), ManagerError> {
     let refuse = |what: &str| {
         Err(ManagerError::Config(format!(
             "VM {}: snapshots of VMs with {what} are not supported yet",
@@ -496,7 +489,7 @@ fn frozen_layer(name: String) -> SavedDisk {
 /// The writable layers a snapshot `id` of `vm` freezes (its root disk
 /// unless read-only, every data disk: Hangar made them all, as
 /// `snapshot_supported` checked), as `boot` names them in the snapshot.
-fn disk_freezes(vm: &crate::record::VmRecord, boot: &SavedBoot, id: &str) -> Vec<DiskFreeze> {
+fn disk_freezes(vm: &VmRecord, boot: &SavedBoot, id: &str) -> Vec<DiskFreeze> {
     let root = boot
         .root_disk
         .as_ref()
@@ -504,7 +497,7 @@ fn disk_freezes(vm: &crate::record::VmRecord, boot: &SavedBoot, id: &str) -> Vec
         .map(|disk| DiskFreeze {
             role: DiskRole::Root,
             current: vm.root_layer_path(),
-            next: vm.work_dir.join(format!("root-{id}.qcow2")),
+            next: vm.work_dir.join(VmRecord::next_root_layer(id)),
             node: format!("layer-{id}"),
             frozen: disk.path.to_string_lossy().into_owned(),
         });
@@ -515,17 +508,11 @@ fn disk_freezes(vm: &crate::record::VmRecord, boot: &SavedBoot, id: &str) -> Vec
         .map(|(index, disk)| DiskFreeze {
             role: DiskRole::Data(index),
             current: vm.data_layer_path(index),
-            next: vm.work_dir.join(format!("data-{index}-{id}.qcow2")),
+            next: vm.work_dir.join(VmRecord::next_data_layer(index, id)),
             node: format!("data{index}-{id}"),
             frozen: disk.path.to_string_lossy().into_owned(),
         });
     root.into_iter().chain(data).collect()
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 pub(super) fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -563,7 +550,7 @@ fn sync_and_list(dir: &Path) -> Result<Vec<SnapshotFile>, ManagerError> {
     Ok(files)
 }
 
-fn resources(vm: &crate::record::VmRecord, dir: &Path) -> Resources {
+fn resources(vm: &VmRecord, dir: &Path) -> Resources {
     let disk_bytes = virtual_size(&dir.join(crate::snapshot::ROOT_LAYER))
         .or_else(|| virtual_size(&dir.join("base")));
     Resources {

@@ -120,3 +120,50 @@ fn a_vm_still_loading_a_snapshot_pins_it_until_it_runs() {
         .unwrap();
     assert!(m.snapshot_users(snapshot).unwrap().is_empty());
 }
+
+#[test]
+fn a_start_follows_a_freeze_whose_record_update_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let vm = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    // A snapshot told the record it froze the disks, QEMU went on in the
+    // new layer, and the write that should have followed never happened.
+    let next = VmRecord::next_root_layer("0a0000000002");
+    std::fs::write(vm.work_dir.join(&next), b"qcow2").unwrap();
+    m.store
+        .update(&vm.id, |r| {
+            r.freezing = Some("0a0000000002".into());
+            Ok::<_, ManagerError>(())
+        })
+        .unwrap();
+    let started = m.start(None, "web").unwrap();
+    assert_eq!(started.root_layer.as_deref(), Some(next.as_str()));
+    assert_eq!(started.freezing, None);
+    assert_eq!(
+        m.inspect(None, "web").unwrap().root_layer_path(),
+        vm.work_dir.join(next)
+    );
+}
+
+#[test]
+fn a_listing_skips_a_vm_removed_while_it_was_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let vm = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    // A start whose hangar process died: reconciling it writes the record.
+    let listed = m
+        .store
+        .update(&vm.id, |r| {
+            r.state = VmState::Starting;
+            r.owner = Some(crate::record::ProcessRef {
+                pid: u32::MAX - 1,
+                start_time: 1,
+            });
+            Ok::<_, ManagerError>(())
+        })
+        .unwrap();
+    // Removed by another command after `ps` listed it.
+    assert!(m.store.delete(&listed.id).unwrap());
+    assert!(m.reconcile(listed.clone()).is_err(), "the race this covers");
+    assert_eq!(m.reconcile_listed(listed).unwrap(), None);
+}

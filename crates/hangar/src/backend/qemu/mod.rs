@@ -9,7 +9,7 @@ pub mod snapshot;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -570,20 +570,27 @@ fn spawn_daemonized(
             what: format!("starting {}", binary.display()),
             detail: err.to_string(),
         })?;
-    let deadline = Instant::now() + DAEMONIZE_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(io(binary))? {
-            break status;
+    // Waited for on a thread of its own: the parent exits the moment QEMU
+    // is initialised, and a restore's time counts every millisecond a
+    // polling loop would add.
+    let pid = child.id();
+    let (sender, exited) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = sender.send(child.wait());
+    });
+    let status = match exited.recv_timeout(DAEMONIZE_TIMEOUT) {
+        Ok(status) => {
+            let _ = waiter.join();
+            status.map_err(io(binary))?
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+        Err(_) => {
+            process::signal(pid, None, Signal::SIGKILL);
+            let _ = waiter.join();
             return Err(BackendError::Launch {
                 what: "QEMU initialisation".into(),
                 detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
             });
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
     if status.success() {
         return Ok(());
