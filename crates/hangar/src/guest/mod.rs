@@ -282,6 +282,11 @@ impl AgentClient {
     }
 
     /// What the agent said about the guest.
+    /// The channel this session runs over.
+    pub fn endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+
     pub fn facts(&self) -> &GuestFacts {
         &self.facts
     }

@@ -53,12 +53,16 @@ impl Manager {
 
     /// `record` with the layers of a freeze that a snapshot left unended
     /// (its record update was lost): see `VmRecord::adopt_frozen_layers`.
-    pub(super) fn layers_followed(&mut self, record: VmRecord) -> Result<VmRecord, ManagerError> {
+    /// Only for a VM without a VMM: one that runs may be in the middle of
+    /// another process's snapshot (and a start refuses it anyway).
+    fn layers_followed(&mut self, record: VmRecord) -> Result<VmRecord, ManagerError> {
         if record.freezing.is_none() {
             return Ok(record);
         }
         self.store.update(&record.id, |r| {
-            r.adopt_frozen_layers();
+            if !r.state.has_process() {
+                r.adopt_frozen_layers();
+            }
             Ok::<_, ManagerError>(())
         })
     }
@@ -261,6 +265,7 @@ impl Manager {
         state: VmState,
         reason: String,
     ) -> Result<VmRecord, ManagerError> {
+        self.sessions.remove(id);
         let record = self.store.get(id)?;
         let console = record
             .as_ref()
@@ -286,10 +291,15 @@ impl Manager {
     ) -> Result<VmRecord, ManagerError> {
         let record = self.inspect(namespace, key)?;
         let id = record.id.clone();
+        // A session this manager kept asks for the power-off (and frees its
+        // port); else a free port does.
+        let kept = self.take_session(&record);
         let record = self.store.update(&id, begin_stop)?;
         let mut guest_asked = false;
         let sockets = record.sockets.agent_sockets();
-        if !sockets.is_empty() {
+        if let Some(mut client) = kept {
+            guest_asked = client.shutdown().is_ok();
+        } else if !sockets.is_empty() {
             let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
             let mut check = || vmm_alive_check(pid, start);
             let connected = AgentClient::connect_any(

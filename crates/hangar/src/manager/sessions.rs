@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 
-use crate::guest::AgentClient;
+use crate::backend::process;
+use crate::guest::{AgentClient, AgentEndpoint};
 use crate::record::{VmRecord, VmState};
 
 use super::Manager;
@@ -27,8 +28,19 @@ pub(super) struct KeptSession {
 pub(super) type Sessions = HashMap<String, KeptSession>;
 
 impl Manager {
-    /// Keeps `client` for the next agent call on `record`'s VM.
+    /// Keeps `client` for the next agent call on `record`'s VM, unless the
+    /// VM has a vsock endpoint and this is not a vsock session (execs
+    /// prefer vsock there). Sessions to VMMs that have ended meanwhile (a
+    /// stop or rm by another process) go.
     pub(super) fn keep_session(&mut self, record: &VmRecord, client: AgentClient) {
+        self.sessions.retain(|_, kept| {
+            kept.pid
+                .is_some_and(|pid| process::is_alive(pid, kept.pid_start_time))
+        });
+        let serial = matches!(client.endpoint(), AgentEndpoint::Serial { .. });
+        if serial && record.sockets.agent_vsock.is_some() {
+            return;
+        }
         self.sessions.insert(
             record.id.clone(),
             KeptSession {

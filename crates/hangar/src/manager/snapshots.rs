@@ -48,7 +48,16 @@ impl Manager {
         let store = self.snapshot_store();
         let _lock = store.lock()?;
         let vm = self.inspect(namespace, key)?;
-        let vm = self.layers_followed(vm)?;
+        // Under the lock no other snapshot of it is under way: a freeze on
+        // record is one whose update was lost.
+        let vm = if vm.freezing.is_some() {
+            self.store.update(&vm.id, |r| {
+                r.adopt_frozen_layers();
+                Ok::<_, ManagerError>(())
+            })?
+        } else {
+            vm
+        };
         if vm.state != VmState::Running {
             return Err(ManagerError::InvalidState {
                 name: vm.name.clone(),
@@ -142,7 +151,7 @@ impl Manager {
         }
         let taken = self.snapshotting(vm)?.snapshot(vm, &target);
         let was_running = taken.as_ref().is_ok_and(|taken| taken.was_running);
-        let followed = self.follow_frozen_disks(vm);
+        let followed = self.follow_frozen_disks(vm, &id, &freezes);
         let saved = followed.and_then(|()| {
             let taken = taken.map_err(|source| ManagerError::Backend {
                 name: vm.name.clone(),
@@ -225,9 +234,17 @@ impl Manager {
     /// freeze ends. (Their headers name the frozen layers by their work-dir
     /// names until relinked.) Should this write be lost, the next start or
     /// snapshot follows them instead (`VmRecord::adopt_frozen_layers`).
-    fn follow_frozen_disks(&mut self, vm: &VmRecord) -> Result<(), ManagerError> {
+    fn follow_frozen_disks(
+        &mut self,
+        vm: &VmRecord,
+        id: &str,
+        freezes: &[DiskFreeze],
+    ) -> Result<(), ManagerError> {
+        if freezes.is_empty() {
+            return Ok(());
+        }
         self.store.update(&vm.id, |r| {
-            r.adopt_frozen_layers();
+            r.adopt_frozen_layers_of(id);
             Ok::<_, ManagerError>(())
         })?;
         Ok(())

@@ -167,3 +167,21 @@ fn a_listing_skips_a_vm_removed_while_it_was_reconciled() {
     assert!(m.reconcile(listed.clone()).is_err(), "the race this covers");
     assert_eq!(m.reconcile_listed(listed).unwrap(), None);
 }
+
+#[test]
+fn a_start_refused_for_a_running_vm_leaves_a_freeze_under_way_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path());
+    let vm = m.create(VmSpec::new("web"), BackendKind::Noop).unwrap();
+    m.start(None, "web").unwrap();
+    // Another process's snapshot told the record and has not frozen yet.
+    m.store
+        .update(&vm.id, |r| {
+            r.freezing = Some("0a0000000003".into());
+            Ok::<_, ManagerError>(())
+        })
+        .unwrap();
+    assert!(m.start(None, "web").is_err());
+    let record = m.inspect(None, "web").unwrap();
+    assert_eq!(record.freezing.as_deref(), Some("0a0000000003"));
+}

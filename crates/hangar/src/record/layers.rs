@@ -21,23 +21,35 @@ impl VmRecord {
         format!("data-{index}-{snapshot_id}.qcow2")
     }
 
-    /// Ends a freeze under way (`freezing`): each new layer it made is now
-    /// the disk's writable layer. True if there was a freeze to end.
-    pub fn adopt_frozen_layers(&mut self) -> bool {
-        let Some(id) = self.freezing.take() else {
-            return false;
-        };
-        let root = Self::next_root_layer(&id);
+    /// Takes the new layers the freeze of snapshot `snapshot_id` made (each
+    /// that exists is now its disk's writable layer) and ends that freeze
+    /// if it is the one under way.
+    pub fn adopt_frozen_layers_of(&mut self, snapshot_id: &str) {
+        let root = Self::next_root_layer(snapshot_id);
         if self.work_dir.join(&root).is_file() {
             self.root_layer = Some(root);
         }
         let saved_data_disks = self.boot.as_ref().map_or(0, |boot| boot.data_disks.len());
         for index in 0..self.spec.data_disks.len().max(saved_data_disks) {
-            let data = Self::next_data_layer(index, &id);
+            let data = Self::next_data_layer(index, snapshot_id);
             if self.work_dir.join(&data).is_file() {
                 self.data_layers.insert(index, data);
             }
         }
+        if self.freezing.as_deref() == Some(snapshot_id) {
+            self.freezing = None;
+        }
+    }
+
+    /// Ends a freeze left under way (`freezing`) by a snapshot whose record
+    /// update was lost. Only where no other process can be in the middle
+    /// of that freeze: under the snapshot lock, or with no VMM running.
+    /// True if there was one.
+    pub fn adopt_frozen_layers(&mut self) -> bool {
+        let Some(id) = self.freezing.clone() else {
+            return false;
+        };
+        self.adopt_frozen_layers_of(&id);
         true
     }
 }
@@ -65,8 +77,8 @@ mod tests {
         let mut vm = vm_with_two_data_disks(dir.path());
         vm.root_layer = Some(VmRecord::next_root_layer("aaaaaaaaaaaa"));
         vm.freezing = Some("bbbbbbbbbbbb".into());
-        // QEMU froze the root disk and data disk 1 (data disk 0 was not
-        // part of this snapshot's freeze).
+        // Only these two new layers exist (say QEMU died in the
+        // transaction after making them).
         for name in ["root-bbbbbbbbbbbb.qcow2", "data-1-bbbbbbbbbbbb.qcow2"] {
             std::fs::write(dir.path().join(name), b"qcow2").unwrap();
         }
@@ -79,6 +91,21 @@ mod tests {
         assert_eq!(vm.data_layer_path(0), dir.path().join("data-0.qcow2"));
         assert_eq!(vm.freezing, None);
         assert!(!vm.adopt_frozen_layers(), "nothing left to adopt");
+    }
+
+    #[test]
+    fn a_snapshot_takes_its_own_layers_even_if_its_freeze_was_ended_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vm = vm_with_two_data_disks(dir.path());
+        std::fs::write(dir.path().join("root-bbbbbbbbbbbb.qcow2"), b"qcow2").unwrap();
+        vm.freezing = Some("cccccccccccc".into());
+        vm.adopt_frozen_layers_of("bbbbbbbbbbbb");
+        assert_eq!(vm.root_layer.as_deref(), Some("root-bbbbbbbbbbbb.qcow2"));
+        assert_eq!(
+            vm.freezing.as_deref(),
+            Some("cccccccccccc"),
+            "another snapshot's freeze is not ended by this one"
+        );
     }
 
     #[test]

@@ -574,6 +574,8 @@ fn spawn_daemonized(
     // is initialised, and a restore's time counts every millisecond a
     // polling loop would add.
     let pid = child.id();
+    // Named by start time too: the waiter may reap it just before a kill.
+    let started = process::start_time(pid);
     let (sender, exited) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let _ = sender.send(child.wait());
@@ -581,17 +583,24 @@ fn spawn_daemonized(
     let status = match exited.recv_timeout(DAEMONIZE_TIMEOUT) {
         Ok(status) => {
             let _ = waiter.join();
-            status.map_err(io(binary))?
+            status
         }
         Err(_) => {
-            process::signal(pid, None, Signal::SIGKILL);
+            process::signal(pid, started, Signal::SIGKILL);
             let _ = waiter.join();
-            return Err(BackendError::Launch {
-                what: "QEMU initialisation".into(),
-                detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
-            });
+            match exited.try_recv() {
+                // It finished right at the deadline, before the kill.
+                Ok(Ok(status)) if status.success() => Ok(status),
+                _ => {
+                    return Err(BackendError::Launch {
+                        what: "QEMU initialisation".into(),
+                        detail: format!("did not finish within {DAEMONIZE_TIMEOUT:?}"),
+                    })
+                }
+            }
         }
     };
+    let status = status.map_err(io(binary))?;
     if status.success() {
         return Ok(());
     }
