@@ -65,53 +65,73 @@ impl Manager {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use hangar_proto::{FrameReader, GuestMessage, HostMessage, PROTOCOL_VERSION};
+    use hangar_proto::{ExitStatus, FrameReader, GuestMessage, HostMessage, PROTOCOL_VERSION};
 
     use super::*;
-    use crate::{Accel, BackendKind, ManagerOptions, VmSpec};
+    use crate::guest::CollectSink;
+    use crate::{Accel, BackendKind, ExecRequest, ManagerError, ManagerOptions, VmSpec};
 
-    /// An agent socket that answers every connection's hello, then idles.
-    fn fake_agent(dir: &Path) -> PathBuf {
+    /// An agent socket that answers hellos and execs (each exits 0) on
+    /// every connection, and counts the connections.
+    fn fake_agent(dir: &Path) -> (PathBuf, Arc<AtomicUsize>) {
         let path = dir.join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
+                counted.fetch_add(1, Ordering::SeqCst);
                 let conn = conn.unwrap();
-                let mut reader = FrameReader::new(conn.try_clone().unwrap());
-                let frame = reader.read_frame().unwrap();
-                let Ok(HostMessage::Hello { nonce, .. }) = HostMessage::from_frame(&frame) else {
-                    panic!("the first frame is not a hello");
-                };
-                let hello = GuestMessage::Hello {
+                std::thread::spawn(move || serve(conn));
+            }
+        });
+        (path, connections)
+    }
+
+    fn serve(conn: UnixStream) {
+        let mut reader = FrameReader::new(conn.try_clone().unwrap());
+        while let Ok(frame) = reader.read_frame() {
+            let answer = match HostMessage::from_frame(&frame) {
+                Ok(HostMessage::Hello { nonce, .. }) => GuestMessage::Hello {
                     version: PROTOCOL_VERSION,
                     nonce: Some(nonce),
                     facts: Default::default(),
-                };
-                hello.to_frame().write_to(&mut &conn).unwrap();
-                std::thread::spawn(move || std::thread::sleep(Duration::from_secs(30)));
-                std::mem::forget(conn);
+                },
+                Ok(HostMessage::Exec { id, .. }) => GuestMessage::ExecExited {
+                    id,
+                    status: ExitStatus::Code(0),
+                },
+                _ => continue,
+            };
+            if answer.to_frame().write_to(&mut &conn).is_err() {
+                return;
             }
-        });
-        path
+        }
     }
 
     fn session(socket: &Path) -> AgentClient {
         AgentClient::connect(socket, Duration::from_secs(10), &mut || Ok(())).unwrap()
     }
 
+    fn manager(dir: &Path) -> Manager {
+        Manager::open(ManagerOptions {
+            state_dir: Some(dir.join("state")),
+            accel: Some(Accel::Tcg),
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_kept_session_serves_only_the_vmm_it_was_opened_to() {
         let dir = tempfile::tempdir().unwrap();
-        let mut manager = Manager::open(ManagerOptions {
-            state_dir: Some(dir.path().join("state")),
-            accel: Some(Accel::Tcg),
-        })
-        .unwrap();
-        let socket = fake_agent(dir.path());
+        let mut manager = manager(dir.path());
+        let (socket, _) = fake_agent(dir.path());
         let mut vm = manager
             .create(VmSpec::new("web"), BackendKind::Noop)
             .unwrap();
@@ -145,5 +165,51 @@ mod tests {
             ..vm.clone()
         };
         assert!(manager.take_session(&paused).is_none());
+    }
+
+    #[test]
+    fn execs_go_through_the_kept_session_and_an_end_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manager = manager(dir.path());
+        let (socket, connections) = fake_agent(dir.path());
+        let vm = manager
+            .create(VmSpec::new("web"), BackendKind::Noop)
+            .unwrap();
+        // A VMM that runs: this test process stands in for it.
+        let me = std::process::id();
+        let vm = manager
+            .store
+            .update(&vm.id, |r| {
+                r.state = VmState::Running;
+                r.pid = Some(me);
+                r.pid_start_time = process::start_time(me);
+                r.sockets.agent = Some(socket.clone());
+                Ok::<_, ManagerError>(())
+            })
+            .unwrap();
+        manager.keep_session(&vm, session(&socket));
+        let request = || ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let status = manager
+                .exec(
+                    None,
+                    "web",
+                    request(),
+                    Default::default(),
+                    &mut CollectSink::default(),
+                )
+                .unwrap();
+            assert_eq!(status, ExitStatus::Code(0));
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1, "one session for all");
+
+        // The VM ends (recorded by this manager): its session goes with it.
+        manager
+            .mark_ended(&vm.id, VmState::Stopped, "test".into())
+            .unwrap();
+        assert!(manager.sessions.is_empty());
     }
 }
