@@ -40,7 +40,7 @@ impl Manager {
             return self.exec_ssh(&record, request, io, sink);
         }
         let (record, mut client) = self.running_agent(namespace, key, "run a command in it")?;
-        crate::trace::phase("exec: agent hello");
+        crate::trace::phase("exec: agent session ready");
         let request = self.runnable(&record, request)?;
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
         let mut check = || vmm_only_check(pid, start);
@@ -94,6 +94,7 @@ impl Manager {
             });
         }
         if let Some(client) = self.take_session(&record) {
+            crate::trace::phase("agent: session kept from before");
             return Ok((record, client));
         }
         let (pid, start) = (record.pid.unwrap_or(0), record.pid_start_time);
