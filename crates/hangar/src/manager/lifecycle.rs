@@ -45,9 +45,7 @@ impl Manager {
     pub fn start(&mut self, namespace: Option<&str>, key: &str) -> Result<VmRecord, ManagerError> {
         let record = self.inspect(namespace, key)?;
         let (record, client) = self.start_record(record)?;
-        if let Some(client) = client {
-            self.keep_session(&record, client);
-        }
+        self.keep_started_session(&record, client);
         Ok(record)
     }
 

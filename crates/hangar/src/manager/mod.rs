@@ -285,14 +285,13 @@ impl Manager {
         let mut out = Vec::new();
         for summary in self.store.list_summaries()? {
             let summary = if summary.state.has_process() {
-                let record = match self.store.get(&summary.id)? {
-                    Some(record) => self.reconcile_listed(record)?,
-                    None => None,
+                let Some(record) = self.store.get(&summary.id)? else {
+                    continue;
                 };
-                match record {
-                    Some(record) => VmSummary::from(&record),
-                    None => continue,
-                }
+                let Some(record) = self.reconcile_listed(record)? else {
+                    continue;
+                };
+                VmSummary::from(&record)
             } else {
                 summary
             };

@@ -487,9 +487,7 @@ impl Manager {
         let (namespace, id) = (record.namespace.clone(), record.id.clone());
         match self.start_record_from(record, Some(incoming)) {
             Ok((record, client)) => {
-                if let Some(client) = client {
-                    self.keep_session(&record, client);
-                }
+                self.keep_started_session(&record, client);
                 Ok(record)
             }
             Err(err) => {

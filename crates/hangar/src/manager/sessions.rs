@@ -28,15 +28,24 @@ pub(super) struct KeptSession {
 pub(super) type Sessions = HashMap<String, KeptSession>;
 
 impl Manager {
-    /// Keeps `client` for the next agent call on `record`'s VM, unless the
-    /// VM has a vsock endpoint and this is not a vsock session (execs
-    /// prefer vsock there). Sessions to VMMs that have ended meanwhile (a
-    /// stop or rm by another process) go.
-    pub(super) fn keep_session(&mut self, record: &VmRecord, client: AgentClient) {
+    /// Keeps the session a start or restore of `record`'s VM ended with.
+    /// A new VMM is when sessions to VMMs that have ended meanwhile (a stop
+    /// or rm by another process) go, not at every exec; stops, kills and
+    /// removals by this manager drop theirs.
+    pub(super) fn keep_started_session(&mut self, record: &VmRecord, client: Option<AgentClient>) {
         self.sessions.retain(|_, kept| {
             kept.pid
                 .is_some_and(|pid| process::is_alive(pid, kept.pid_start_time))
         });
+        if let Some(client) = client {
+            self.keep_session(record, client);
+        }
+    }
+
+    /// Keeps `client` for the next agent call on `record`'s VM, unless the
+    /// VM has a vsock endpoint and this is not a vsock session (execs
+    /// prefer vsock there).
+    pub(super) fn keep_session(&mut self, record: &VmRecord, client: AgentClient) {
         let serial = matches!(client.endpoint(), AgentEndpoint::Serial { .. });
         if serial && record.sockets.agent_vsock.is_some() {
             return;
@@ -75,7 +84,7 @@ mod tests {
 
     use super::*;
     use crate::guest::CollectSink;
-    use crate::{Accel, BackendKind, ExecRequest, ManagerError, ManagerOptions, VmSpec};
+    use crate::{BackendKind, ExecRequest, ManagerError, VmSpec};
 
     /// An agent socket that answers hellos and execs (each exits 0) on
     /// every connection, and counts the connections.
@@ -120,11 +129,7 @@ mod tests {
     }
 
     fn manager(dir: &Path) -> Manager {
-        Manager::open(ManagerOptions {
-            state_dir: Some(dir.join("state")),
-            accel: Some(Accel::Tcg),
-        })
-        .unwrap()
+        crate::manager::tests::manager(&dir.join("state"))
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use super::*;
 use crate::record::VmState;
 
-fn manager(dir: &Path) -> Manager {
+pub(super) fn manager(dir: &Path) -> Manager {
     Manager::open(ManagerOptions {
         state_dir: Some(dir.to_path_buf()),
         accel: Some(Accel::Tcg),
